@@ -1,0 +1,818 @@
+"""
+llama.py: a LLaMA language model written from scratch and trained on Tiny Shakespeare, in one file.
+
+    python llama.py train            download the data, train a tokenizer and the model, evaluate it
+    python llama.py sample           generate text from out/ckpt.pt, printed as it is produced
+    python llama.py eval             loss, accuracy, perplexity and bits per character on val and test
+    python llama.py bench            training and decoding speed (KV cache against recomputation)
+    python llama.py export --out D   write Meta's checkpoint layout (params.json, consolidated.00.pth)
+    python llama.py CMD --help       every flag of a command; in a notebook: main(["train", "--steps", "200"])
+
+What LLaMA changes relative to GPT-2: RMSNorm instead of LayerNorm, applied before each sub-layer;
+rotary positional embeddings (RoPE) instead of a learned position table; a SwiGLU feed-forward
+instead of a GELU MLP; no biases; and, from LLaMA 2 on, key/value heads shared by groups of query
+heads (grouped-query attention; with one key/value head, multi-query attention), which shrinks
+the KV cache that makes generation fast.
+
+References: Touvron et al. 2023, "LLaMA" (arXiv:2302.13971) and "Llama 2" (arXiv:2307.09288);
+Meta's llama/model.py (github.com/meta-llama/llama), whose parameter names this file uses;
+Su et al. 2021 (RoPE), Zhang & Sennrich 2019 (RMSNorm), Shazeer 2020 (SwiGLU), Shazeer 2019 (MQA).
+"""
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import requests
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Hyperparameters
+# The documented ones keep their names. Command-line flags override them for one run
+# (`python llama.py train --help`); the globals themselves never change.
+
+VOCAB_SIZE = 130  # SentencePiece BPE pieces in the vocabulary (tokens)
+BATCH_SIZE = 32  # sequences per optimizer step
+CONTEXT_WINDOW = 16  # tokens per training sequence: the longest context the model sees
+EPOCHS = 1000  # optimizer steps, each on one random batch (not passes over the data)
+DIM = 128  # width of the residual stream, i.e. the embedding size (features per token)
+LOG_INTERVAL = 10  # optimizer steps between log lines (each with a validation loss)
+HEADS = 8  # query heads per attention layer
+LAYERS = 4  # transformer blocks
+KV_HEADS = 1  # key/value heads: 1 is multi-query, HEADS is multi-head, in between grouped-query
+LEARNING_RATE = 1e-3  # peak Adam learning rate, reached at the end of warmup
+WARMUP_STEPS = 20  # optimizer steps of linear warmup from 0 to LEARNING_RATE
+MIN_LR_FRACTION = 0.1  # the cosine decay ends at this fraction of LEARNING_RATE
+WEIGHT_DECAY = 0.1  # decoupled (AdamW) weight decay, on the weight matrices only
+GRAD_CLIP = 1.0  # the gradient's global L2 norm is clipped to this
+EVAL_BATCHES = 4  # fixed validation batches behind each log line's validation loss
+SEED = 1337  # seeds the weights, the batches and sampling
+OUT_DIR = "out"  # checkpoint, tokenizer cache and logs go here
+
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# beside llama.py; pasted into a notebook cell (no __file__), in the working folder
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+# what the original notebook's README reported, printed beside our numbers
+ORIGINAL = {"val": {"loss": 4.469, "acc": 0.0559, "ppl": 87.3}, "test": {"acc": 0.0562, "ppl": 87.7}}
+
+# -----------------------------------------------------------------------------
+# Download
+# Tiny Shakespeare (1.1 MB) is fetched once, into a temporary file beside the target that is
+# renamed only when complete and checksummed: a failure never leaves a partial input.txt.
+
+def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30.0):
+    """Fetch url into path unless path exists, checking the sha256 when one is given."""
+    path = Path(path)
+    if path.exists():
+        return path
+    print(f"downloading {url} to {path} ...", flush=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    try:
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as f, requests.get(url, timeout=timeout, stream=True) as r:
+            r.raise_for_status()
+            for chunk in r.iter_content(1 << 16):
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            expected = r.headers.get("Content-Length")
+        if expected is not None and int(expected) != size:
+            raise OSError(f"the body was cut short: {size} of {expected} bytes")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise OSError(f"sha256 {digest.hexdigest()} is not the expected {sha256}")
+        if not path.exists():  # a file someone put there meanwhile is never overwritten
+            os.replace(tmp, path)
+        print(f"saved {size:,} bytes to {path}")
+        return path
+    except (requests.RequestException, OSError) as e:
+        raise OSError(f"could not download {url}: {e}; fetch it by hand: curl -L -o {path} {url}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def read_text(path):
+    """Read a UTF-8 text file, downloading Tiny Shakespeare first if it is the default one and missing."""
+    path = Path(path)
+    if not path.exists() and path != HERE / "input.txt":
+        raise FileNotFoundError(f"no data file at {path}: check --data")
+    try:
+        return download(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+# SentencePiece byte-pair encoding with VOCAB_SIZE pieces, trained on the training split only.
+# Its defaults normalize text (newlines vanish, runs of spaces collapse); we turn that off and
+# make "\n" a piece of its own, so decode(encode(text)) == text for the whole corpus.
+
+class Tokenizer:
+    """A SentencePiece model, kept as its serialized bytes so that checkpoints carry it."""
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.vocab_size()
+        # characters each piece stands for ("▁" is SentencePiece's visible space), for bits per character
+        self.n_chars = torch.tensor([0 if self.sp.is_unknown(i) else len(self.sp.id_to_piece(i))
+                                     for i in range(self.vocab_size)])
+
+    @staticmethod
+    def train(text: str, vocab_size: int) -> "Tokenizer":
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(text.splitlines(keepends=True)), model_writer=model,
+                vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+                allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
+                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=1, minloglevel=2)
+        except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars. 65 vs 60."
+            raise ValueError(f"SentencePiece cannot make {vocab_size} pieces from this text ({e}); "
+                             f"choose another --vocab-size") from None
+        return Tokenizer(model.getvalue())
+
+    def unknown_chars(self, text: str) -> str:
+        """The characters of text that the tokenizer never saw in training (they would decode as ⁇)."""
+        return "".join(sorted(c for c in set(text) if c != " " and self.sp.piece_to_id(c) == self.sp.unk_id()))
+
+    def encode(self, text: str) -> list:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(list(ids))
+
+def get_tokenizer(train_text: str, vocab_size: int, out_dir) -> Tokenizer:
+    """Train once per (text, vocab size) and reuse the saved model on later runs."""
+    key = hashlib.sha256(train_text.encode()).hexdigest()[:12]
+    path = Path(out_dir) / f"tokenizer-{vocab_size}-{key}.model"
+    if path.exists():
+        return Tokenizer(path.read_bytes())
+    print(f"training a {vocab_size}-piece BPE tokenizer on {len(train_text):,} characters ...", flush=True)
+    tok = Tokenizer.train(train_text, vocab_size)
+    atomic_write(path, lambda f: f.write(tok.model_proto))
+    return tok
+
+# -----------------------------------------------------------------------------
+# Data
+# The text is cut into three contiguous parts, 70% train, 15% validation, 15% test, as the
+# original notebook did. A batch is BATCH_SIZE random windows of CONTEXT_WINDOW tokens, and
+# its targets are the same windows shifted one token to the right.
+
+SPLITS = {"train": (0.0, 0.7), "val": (0.7, 0.85), "test": (0.85, 1.0)}
+
+def split_text(text: str) -> dict:
+    """Cut at the 70% and 85% marks, by characters, so that the tokenizer can be trained on train only."""
+    return {name: text[int(a * len(text)):int(b * len(text))] for name, (a, b) in SPLITS.items()}
+
+def load_splits(text: str, tok: Tokenizer, context: int) -> dict:
+    """Token ids (a 1-D tensor) of each split, each long enough for one window and its targets."""
+    data = {name: torch.tensor(tok.encode(part), dtype=torch.long) for name, part in split_text(text).items()}
+    for name, d in data.items():
+        if len(d) < context + 1:
+            need = math.ceil((context + 1) / 0.15 * len(text) / max(1, sum(map(len, data.values()))))
+            raise ValueError(f"the text is too short: its {name} split has {len(d)} tokens and a {context}-token "
+                             f"context needs {context + 1}; use a text of at least ~{need:,} characters")
+    return data
+
+def get_batch(data, batch_size, context, generator=None):
+    """batch_size random windows of one split: inputs (B, T) and targets (B, T), shifted by one token."""
+    ix = torch.randint(len(data) - context, (batch_size,), generator=generator)
+    x = torch.stack([data[i:i + context] for i in ix])  # (B, T)
+    y = torch.stack([data[i + 1:i + 1 + context] for i in ix])  # (B, T)
+    return x, y
+
+def windows(data, context):
+    """Every token of a split (but the first) as a target, once: consecutive windows, the last padded."""
+    n = math.ceil((len(data) - 1) / context)
+    x = torch.zeros(n * context, dtype=torch.long)
+    y = torch.full((n * context,), -100, dtype=torch.long)  # -100: cross_entropy's ignore_index
+    x[:len(data) - 1], y[:len(data) - 1] = data[:-1], data[1:]
+    return x.view(n, context), y.view(n, context)  # (N, T) each
+
+# -----------------------------------------------------------------------------
+# Model
+# Smallest part first, in the order of the forward pass: RMSNorm, rotary embeddings, attention
+# with its KV cache, the SwiGLU feed-forward, the block, the whole model. No class reads the
+# globals above: everything comes in through ModelArgs.
+
+@dataclass
+class ModelArgs:
+    """The model's shape, named as in Meta's llama/model.py."""
+
+    dim: int = DIM
+    n_layers: int = LAYERS
+    n_heads: int = HEADS
+    n_kv_heads: Optional[int] = KV_HEADS  # None means n_heads (multi-head attention)
+    vocab_size: int = VOCAB_SIZE
+    multiple_of: int = 256  # the feed-forward width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = CONTEXT_WINDOW
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        for name, value in asdict(self).items():
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}: change --dim or --heads")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}: "
+                             f"change --heads or --kv-heads")
+        if self.head_dim % 2:
+            raise ValueError(f"the head size dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim} is odd; "
+                             f"rotary embeddings rotate pairs of features, so it must be even")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self):
+        """LLaMA's feed-forward width: 2/3 of 4*dim (SwiGLU has three matrices, not two), rounded up."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over each token's features: no mean subtracted, no bias."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in float32, as Meta does (bf16 squares lose too much). F.rms_norm is one fused kernel for
+        # x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps); per token, never across the sequence
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+
+def precompute_freqs(head_dim, max_seq_len, theta=10000.0):
+    """cos and sin of the angle pos * theta^(-2i/head_dim), for each position and feature pair i."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (head_dim/2,)
+    angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # (max_seq_len, head_dim/2)
+    return angles.cos(), angles.sin()
+
+def apply_rotary_emb(x, freqs_cis):
+    """Rotate each feature pair (x[2i], x[2i+1]) by its position's angle, as a complex product.
+
+    This is Meta's interleaved-pair convention (Hugging Face's checkpoints pair x[i] with
+    x[i + head_dim/2] instead). A rotated query and key have a dot product that depends only on
+    the distance between their positions: that is how attention sees order.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, head_dim/2), complex
+    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).type_as(x)  # (B, T, heads, head_dim)
+
+class Attention(nn.Module):
+    """Causal self-attention in which groups of query heads share one of n_kv_heads key/value heads.
+
+    n_kv_heads == n_heads is multi-head attention, 1 is multi-query, anything between grouped-query.
+    While decoding, the keys and values of earlier tokens come from a cache that setup_cache allocates.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache_k = self.cache_v = None  # (B, max_seq_len, n_kv_heads, head_dim) while decoding
+
+    def forward(self, x, freqs_cis, start_pos=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        mask, causal = None, T > 1
+        if start_pos is not None:  # decoding: write this step's keys and values, read all so far
+            self.cache_k[:B, start_pos:start_pos + T], self.cache_v[:B, start_pos:start_pos + T] = k, v
+            k, v = self.cache_k[:B, :start_pos + T], self.cache_v[:B, :start_pos + T]  # (B, S, n_kv_heads, hd)
+            if start_pos > 0 and T > 1:  # several new queries: all cached keys, then the causal part
+                mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
+                causal = False
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, head_dim)
+        # enable_gqa lets each group of n_heads // n_kv_heads query heads read one key/value head: Meta's
+        # repeat_kv, i.e. torch.repeat_interleave(k, n_heads // n_kv_heads, dim=1), without the copy
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, n_heads, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+class FeedForward(nn.Module):
+    """SwiGLU, a gated MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, hidden_dim) inside, (B, T, dim) out
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attention(norm(x)), then h + feed_forward(norm(h))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs_cis, start_pos=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+class Transformer(nn.Module):
+    """Token embeddings, n_layers blocks, a final RMSNorm, and a linear layer to the logits."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # not persistent: they follow from args, so checkpoints leave them out (as Meta's do)
+        cos, sin = precompute_freqs(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+        for name, p in self.named_parameters():  # GPT-2's init: small normal weights, the layers
+            if p.dim() == 2:  # that write into the residual stream scaled down with depth
+                deep = name.endswith(("wo.weight", "w2.weight"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers) if deep else 0.02)
+
+    def forward(self, idx, targets=None, start_pos=None):
+        """Logits (B, T, vocab_size) for token ids idx (B, T), and the mean cross-entropy if targets are given.
+
+        start_pos=None runs whole sequences without a cache (training, evaluation); an integer says
+        that idx continues the cached sequence at that position (decoding, after setup_cache).
+        """
+        B, T = idx.shape
+        p0 = start_pos or 0
+        if p0 + T > self.args.max_seq_len:
+            raise ValueError(f"positions {p0}..{p0 + T - 1} exceed max_seq_len {self.args.max_seq_len}")
+        freqs_cis = torch.complex(self.freqs_cos[p0:p0 + T].float(), self.freqs_sin[p0:p0 + T].float())  # (T, hd/2)
+        h = self.tok_embeddings(idx)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, start_pos)
+        logits = self.output(self.norm(h)).float()  # (B, T, vocab_size); the softmax is inside the loss
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    def setup_cache(self, batch_size):
+        """Preallocate each layer's key/value cache, written in place while decoding (never concatenated)."""
+        w, a = self.tok_embeddings.weight, self.args
+        for layer in self.layers:  # (B, max_seq_len, n_kv_heads, head_dim) each
+            layer.attention.cache_k, layer.attention.cache_v = (
+                w.new_zeros(batch_size, a.max_seq_len, a.n_kv_heads, a.head_dim) for _ in range(2))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 generator=None, on_token=None):
+        """Continue idx (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens).
+
+        The model sees at most max_seq_len tokens: a longer prompt is cut to its last max_seq_len.
+        When the window is full, it restarts from its most recent half: those tokens are run again
+        from position 0 (a fresh prefill of the cache) and decoding goes on after them. With
+        use_cache=False every step recomputes the whole window instead; both give the same tokens.
+        """
+        B, n = idx.shape
+        T = self.args.max_seq_len
+        seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)  # (B, T0 + max_new_tokens)
+        start, cached = max(0, n - T), 0  # where the window starts in seq; its tokens in the cache
+        if use_cache:
+            self.setup_cache(B)
+        try:
+            for _ in range(max_new_tokens):
+                if n - start > T:  # the window is full: keep its last half, refill the cache from 0
+                    start, cached = n - max(1, T // 2), 0
+                if use_cache:  # only the tokens the cache has not seen: the prompt, then one at a time
+                    logits, _ = self(seq[:, start + cached:n], start_pos=cached)
+                    cached = n - start
+                else:
+                    logits, _ = self(seq[:, start:n])
+                seq[:, n] = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+                n += 1
+                if on_token is not None:
+                    on_token(seq[:, :n])
+        finally:
+            for layer in self.layers:  # free the cache
+                layer.attention.cache_k = layer.attention.cache_v = None
+        return seq
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, vocab_size): argmax at temperature 0, else a softmax sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):  # keep the k likeliest tokens
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
+        probs, order = torch.sort(logits.softmax(-1), dim=-1, descending=True)
+        drop = probs.cumsum(-1) - probs >= top_p  # the tokens before this one already reach top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+
+# -----------------------------------------------------------------------------
+# Training
+# Adam (AdamW) with linear warmup, cosine decay and gradient clipping, on random training batches.
+# Every LOG_INTERVAL steps a line: the mean training loss since the last line and the loss on a
+# fixed set of validation batches. At the end, out/ckpt.pt is saved and evaluated on the full splits.
+
+TRAIN_KEYS = ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads", "vocab_size",
+              "lr", "warmup", "log_interval", "seed", "data")  # saved in the checkpoint, reused by --resume
+
+def pick_device(name="auto"):
+    """cuda, then mps, then cpu, unless the user names one."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+def autocast(device):
+    """bf16 autocast on CUDA (the weights and Adam's state stay float32); nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+def model_args_from(cfg, vocab_size=None):
+    """ModelArgs from command-line settings, refusing bad values before any work starts."""
+    for name in ("steps", "batch_size", "context", "vocab_size", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    return ModelArgs(dim=cfg.dim, n_layers=cfg.layers, n_heads=cfg.heads, n_kv_heads=cfg.kv_heads,
+                     vocab_size=vocab_size or cfg.vocab_size, max_seq_len=cfg.context)
+
+def lr_at(step, cfg):
+    """Linear warmup to cfg.lr over cfg.warmup steps, then cosine decay to MIN_LR_FRACTION of it."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+def make_optimizer(model, cfg, device):
+    """Adam with decoupled weight decay on the matrices (not the norm gains); fused kernels on CUDA."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+
+def train_step(model, fwd, optimizer, x, y, lr, device):
+    """One optimizer step on the batch (x, y); returns its loss. A non-finite loss changes nothing."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device):
+        _, loss = fwd(x.to(device), y.to(device))  # fwd: the model, or its torch.compile wrapper
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    loss = loss.item()
+    if math.isfinite(loss):
+        optimizer.step()
+    return loss
+
+def train(cfg):
+    """Train as cfg says, save cfg.out/ckpt.pt and evaluate it; returns the evaluation, or None if stopped."""
+    model_args_from(cfg)
+    out, device = Path(cfg.out), pick_device(cfg.device)
+    ckpt_path = out / "ckpt.pt"
+    resume = load_checkpoint(ckpt_path) if cfg.resume else None
+    if resume is not None:  # the run's own settings, so its schedule and batches continue exactly
+        cfg = argparse.Namespace(**{**vars(cfg), **resume["config"]})
+    text = read_text(cfg.data)
+    tok = Tokenizer(resume["tokenizer"]) if resume else get_tokenizer(split_text(text)["train"], cfg.vocab_size, out)
+    data = load_splits(text, tok, cfg.context)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_args_from(cfg, tok.vocab_size)).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    batch_gen, step = torch.Generator().manual_seed(cfg.seed), 0  # batch_gen draws the training batches
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        batch_gen.set_state(resume["rng"])
+        step = resume["step"]
+        print(f"resuming from {ckpt_path} at step {step}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    fwd = torch.compile(model) if cfg.compile else model  # checkpoints save model, never the wrapper
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters | "
+          f"{len(data['train']):,} training tokens | device {device}")
+    # the same validation batches at every log line, so the curve shows the model, not the draw
+    val_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    val_x, val_y = map(torch.cat, zip(*(get_batch(data["val"], cfg.batch_size, cfg.context, val_gen)
+                                        for _ in range(EVAL_BATCHES))))  # (EVAL_BATCHES * B, T) each
+    config = {k: getattr(cfg, k) for k in TRAIN_KEYS}
+    save = lambda s: save_checkpoint(ckpt_path, model, tok, optimizer, s, batch_gen.get_state(), config)
+    stop = []  # gets the signal number on SIGINT or SIGTERM; the step in progress finishes first
+    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    if not resume:
+        (out / "log.csv").write_text("step,train_loss,val_loss,lr,tokens_per_s\n")
+    t0 = t_last = time.time()
+    eval_time, losses, first_step = 0.0, [], step
+    try:
+        while step < cfg.steps and not stop:
+            lr = lr_at(step, cfg)
+            x, y = get_batch(data["train"], cfg.batch_size, cfg.context, batch_gen)
+            losses.append(train_step(model, fwd, optimizer, x, y, lr, device))
+            if not math.isfinite(losses[-1]):  # keep the last good checkpoint: save nothing
+                raise FloatingPointError(f"the training loss became {losses[-1]} at step {step + 1}; "
+                                         f"try a lower --lr than {cfg.lr}; {ckpt_path} was left as it was")
+            step += 1
+            if step % cfg.log_interval == 0 or step == cfg.steps:
+                t_eval = time.time()
+                val_loss = evaluate(model, val_x, val_y, len(val_x), device)["loss"]
+                eval_time += time.time() - t_eval
+                tok_s = len(losses) * cfg.batch_size * cfg.context / (t_eval - t_last)
+                elapsed, train_loss = time.time() - t0, sum(losses) / len(losses)
+                left = elapsed / (step - first_step) * (cfg.steps - step)
+                print(f"step {step:5d}/{cfg.steps} | train {train_loss:.4f} | val {val_loss:.4f} | lr {lr:.2e} | "
+                      f"{tok_s:,.0f} tok/s | {fmt_time(elapsed)} elapsed, {fmt_time(left)} left", flush=True)
+                with open(out / "log.csv", "a") as log:
+                    log.write(f"{step},{train_loss:.5f},{val_loss:.5f},{lr:.6g},{tok_s:.0f}\n")
+                losses, t_last = [], time.time()
+            if cfg.save_every and step % cfg.save_every == 0:
+                save(step)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    save(step)
+    if stop:
+        print(f"\nstopped by signal {stop[0]} after step {step}; saved {ckpt_path}; "
+              f"continue with: python llama.py train --resume --out {cfg.out}")
+        return None
+    total = time.time() - t0
+    print(f"saved {ckpt_path} | {fmt_time(total)} | validation logging took {100 * eval_time / total:.0f}% of it")
+    plot_log(out)
+    return report(model, tok, data, cfg.context, cfg.batch_size, device)
+
+def fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+def plot_log(out):
+    """out/loss.png from out/log.csv when matplotlib is installed (Colab has it); it is optional."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: a notebook's plotting backend is left alone
+    except ImportError:
+        return
+    rows = np.loadtxt(out / "log.csv", delimiter=",", skiprows=1, ndmin=2)
+    ax = (fig := Figure(figsize=(7, 4))).subplots()
+    ax.plot(rows[:, 0], rows[:, 1], label="train (mean since the last point)")
+    ax.plot(rows[:, 0], rows[:, 2], label=f"validation ({EVAL_BATCHES} fixed batches)")
+    ax.axhline(ORIGINAL["val"]["loss"], color="gray", ls="--", label="original README, validation")
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title="llama.py on Tiny Shakespeare")
+    ax.legend()
+    fig.savefig(out / "loss.png", dpi=100, bbox_inches="tight")
+
+# -----------------------------------------------------------------------------
+# Evaluation
+# Every token of the validation and test splits, once, in consecutive windows: no random batches,
+# so the numbers are exact and repeatable. Bits per character divide the total loss by the
+# characters predicted, so they compare across tokenizers and with character-level models.
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size, device, n_chars=None, progress=None):
+    """Loss (nats per token), accuracy and perplexity on inputs x and targets y (N, T); targets -100 skipped."""
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        with autocast(device):
+            logits, _ = model(xb)  # (b, T, vocab_size)
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == yb).sum().item()
+        count += (yb != -100).sum().item()
+        if progress:
+            print(f"\r{progress} {min(i + batch_size, len(x)) / len(x):4.0%}", end="", flush=True)
+    result = {"loss": loss_sum / count, "acc": correct / count, "ppl": math.exp(loss_sum / count)}
+    if n_chars is not None:
+        result["bpc"] = loss_sum / (n_chars * math.log(2))
+    return result
+
+def report(model, tok, data, context, batch_size, device):
+    """Evaluate the full validation and test splits; print them beside the original README's numbers."""
+    results = {}
+    for split in ("val", "test"):
+        x, y = windows(data[split], context)
+        n_chars = tok.n_chars[data[split][1:]].sum().item()  # the characters of every predicted token
+        results[split] = evaluate(model, x, y, 16 * batch_size, device, n_chars, progress=f"evaluating {split}")
+    print(f"\r{'split':<6}{'loss':>8}{'accuracy':>10}{'perplexity':>12}{'bits/char':>11}   original README")
+    for split, r in results.items():
+        o = ORIGINAL[split]
+        print(f"{split:<6}{r['loss']:8.4f}{r['acc']:10.4f}{r['ppl']:12.2f}{r['bpc']:11.4f}   "
+              + (f"loss {o['loss']}, " if "loss" in o else "") + f"accuracy {o['acc']}, perplexity {o['ppl']}")
+    return results
+
+# -----------------------------------------------------------------------------
+# Sampling
+# The prompt is encoded and run through the model once, filling the KV cache; then one token at
+# a time is sampled and fed back, and the text is printed as soon as it is decoded.
+
+def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=None, top_p=None,
+           seed=SEED, num_samples=1, stream=True):
+    """num_samples continuations of prompt, printed as they are produced when stream is set."""
+    for bad, message in [
+        (temperature < 0, f"--temperature must be 0 (greedy) or more, got {temperature}"),
+        (top_k is not None and top_k < 1, f"--top-k must be at least 1, got {top_k}"),
+        (top_p is not None and not 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
+        (max_new_tokens < 0, f"--max-new-tokens must be 0 or more, got {max_new_tokens}"),
+        (prompt == "", 'the prompt is empty: give at least one character, such as --prompt "\\n" (the default)'),
+        (tok.unknown_chars(prompt), f"the prompt has characters the tokenizer never saw: "
+                                    f"{tok.unknown_chars(prompt)!r}; remove or replace them")]:
+        if bad:
+            raise ValueError(message)
+    ids, T, device = tok.encode(prompt), model.args.max_seq_len, model.output.weight.device
+    if len(ids) > T and stream:
+        print(f"(the prompt has {len(ids)} tokens; the model sees its last {T})", file=sys.stderr)
+    generator = torch.Generator(device).manual_seed(seed)
+    texts = []
+    for i in range(num_samples):
+        shown = [0]  # characters printed so far
+
+        def show(seq):
+            text = tok.decode(seq[0].tolist())
+            print(text[shown[0]:], end="", flush=True)
+            shown[0] = len(text)
+
+        idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T0)
+        out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator=generator,
+                             on_token=show if stream else None)
+        texts.append(tok.decode(out[0].tolist()))
+        if stream:
+            print(texts[-1][shown[0]:] + ("\n" + "-" * 40 if i < num_samples - 1 else ""))
+    return texts
+
+# -----------------------------------------------------------------------------
+# Checkpoints, export and bench
+# A checkpoint holds only tensors, numbers, strings and bytes, so torch.load(weights_only=True)
+# reads it and no pickled code can run. Every file is written to a temporary name and renamed.
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside path, then rename it to path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def save_checkpoint(path, model, tok, optimizer, step, rng, config):
+    ckpt = {"model": model.state_dict(), "model_args": asdict(model.args), "tokenizer": tok.model_proto,
+            "optimizer": optimizer.state_dict(), "step": step, "rng": rng, "config": config}
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+def load_checkpoint(path):
+    """A checkpoint written by save_checkpoint; anything else is refused with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: run `python llama.py train` first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled code, a truncated file and a foreign format all land here
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{path} is not a checkpoint that can be loaded safely ({why}); "
+                         f"retrain or give another --ckpt") from None
+    keys = {"model", "model_args", "tokenizer", "optimizer", "step", "rng", "config"}
+    if not isinstance(ckpt, dict) or not keys <= ckpt.keys():
+        raise ValueError(f"{path} is not a llama.py checkpoint (it needs the keys {sorted(keys)}); retrain")
+    return ckpt
+
+def load_model(path, device):
+    """The model (in eval mode) and tokenizer of a checkpoint."""
+    ckpt = load_checkpoint(path)
+    args, tok = ModelArgs(**ckpt["model_args"]), Tokenizer(ckpt["tokenizer"])
+    if tok.vocab_size != args.vocab_size:
+        raise ValueError(f"{path}: its tokenizer has {tok.vocab_size} pieces but its model {args.vocab_size}")
+    model = Transformer(args)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit {ckpt['model_args']}: {str(e)[:300]}") from None
+    return model.to(device).eval(), tok
+
+def bench(cfg):
+    """Training tokens/s at cfg's settings; greedy decoding tokens/s with and without the KV cache."""
+    device = pick_device(cfg.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_args_from(cfg)).to(device)
+    optimizer, fwd = make_optimizer(model, cfg, device), torch.compile(model) if cfg.compile else model
+    data = torch.randint(cfg.vocab_size, (100_000,))  # the speed does not depend on the text
+    print(f"device {device} | {torch.get_num_threads()} threads | torch {torch.__version__}")
+    for i in range(cfg.bench_warmup + cfg.bench_steps):
+        if i == cfg.bench_warmup:  # time only the steps after warm-up
+            sync()
+            t = time.perf_counter()
+        train_step(model, fwd, optimizer, *get_batch(data, cfg.batch_size, cfg.context), cfg.lr, device)
+    sync()
+    train_tok_s = cfg.bench_steps * cfg.batch_size * cfg.context / (time.perf_counter() - t)
+    print(f"train  {train_tok_s:10,.0f} tokens/s (batch {cfg.batch_size} x context {cfg.context}, "
+          f"{cfg.bench_steps} steps after {cfg.bench_warmup} of warm-up)")
+    # decoding: the same shape, with a context that holds the whole generation
+    n = cfg.new_tokens
+    dec = Transformer(ModelArgs(**{**asdict(model.args), "max_seq_len": max(n + 1, cfg.context)})).to(device)
+    speed, outs = {}, {}
+    for use_cache in (True, False, True):  # the first run warms up
+        t = time.perf_counter()
+        outs[use_cache] = dec.generate(torch.zeros(1, 1, dtype=torch.long, device=device), n, 0, use_cache=use_cache)
+        sync()
+        speed[use_cache] = n / (time.perf_counter() - t)
+    print(f"decode {speed[True]:10,.0f} tokens/s with the KV cache, {speed[False]:,.0f} recomputing "
+          f"({n} greedy tokens, batch 1): {speed[True] / speed[False]:.1f}x; "
+          f"same tokens: {torch.equal(outs[True], outs[False])}")
+    if device.type == "cuda":
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated on the GPU")
+    else:
+        import resource  # Unix only, hence here
+
+        print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident")
+    return {"train_tok_s": train_tok_s, "decode_tok_s": speed[True], "recompute_tok_s": speed[False]}
+
+# -----------------------------------------------------------------------------
+# Command line
+# main(argv) parses its own list, so a notebook can call main(["train", "--steps", "200"]).
+# A user's mistake prints one line and returns a non-zero code instead of a traceback.
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="llama.py", description=__doc__.strip().split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto: the first available")
+    common.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED})")
+    common.add_argument("--data", default=str(HERE / "input.txt"), help="the text, UTF-8 (default input.txt)")
+    model = argparse.ArgumentParser(add_help=False)
+    for flag, value, kind, what in [
+        ("--steps", EPOCHS, int, "optimizer steps (EPOCHS)"), ("--batch-size", BATCH_SIZE, int, "sequences per step"),
+        ("--context", CONTEXT_WINDOW, int, "tokens per sequence (CONTEXT_WINDOW)"),
+        ("--dim", DIM, int, "embedding width"), ("--layers", LAYERS, int, "transformer blocks"),
+        ("--heads", HEADS, int, "query heads"), ("--kv-heads", KV_HEADS, int, "key/value heads"),
+        ("--vocab-size", VOCAB_SIZE, int, "tokenizer pieces"), ("--lr", LEARNING_RATE, float, "peak learning rate"),
+        ("--warmup", WARMUP_STEPS, int, "warmup steps"), ("--log-interval", LOG_INTERVAL, int, "steps per log line")]:
+        model.add_argument(flag, type=kind, default=value, help=f"{what} (default {value})")
+    model.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    model.add_argument("--out", default=OUT_DIR, help=f"folder for the checkpoint and logs (default {OUT_DIR})")
+    p = sub.add_parser("train", parents=[common, model], help="train a model and evaluate it")
+    p.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt, with its own settings")
+    p.add_argument("--save-every", type=int, default=0, help="also save the checkpoint every N steps")
+    p = sub.add_parser("bench", parents=[common, model], help="training and decoding tokens/s")
+    p.add_argument("--new-tokens", type=int, default=512, help="tokens to decode (default 512)")
+    p.add_argument("--bench-steps", type=int, default=50, help="timed training steps (default 50)")
+    p.add_argument("--bench-warmup", type=int, default=10, help="untimed training steps first (default 10)")
+    for name, what in (("sample", "generate text from a checkpoint"), ("eval", "evaluate a checkpoint")):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("--ckpt", default=str(Path(OUT_DIR) / "ckpt.pt"), help="checkpoint (default out/ckpt.pt)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="evaluation batches hold 16x this")
+    p = sub.choices["sample"]
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (default 500)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random (0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only from the likeliest tokens of mass p")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    return parser
+
+def main(argv=None):
+    cfg = build_parser().parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    try:
+        if cfg.command == "train":
+            return 0 if train(cfg) is not None else 130  # 130: stopped by a signal, checkpoint saved
+        if cfg.command == "bench":
+            bench(cfg)
+            return 0
+        model, tok = load_model(cfg.ckpt, pick_device(cfg.device))
+        if cfg.command == "sample":
+            sample(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                   cfg.seed, cfg.num_samples)
+        else:
+            data = load_splits(read_text(cfg.data), tok, model.args.max_seq_len)
+            report(model, tok, data, model.args.max_seq_len, cfg.batch_size, model.output.weight.device)
+        return 0
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+if __name__ == "__main__" and "__file__" in globals():  # a pasted notebook cell runs nothing: call main([...])
+    sys.exit(main())
