@@ -261,9 +261,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # in float32, as Meta does (bf16 squares lose too much). F.rms_norm is one fused kernel for
-        # x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps); per token, never across the sequence
-        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+        # over the last dimension only: each token is scaled by its own RMS, never across the sequence.
+        # in float32, as Meta does (squares of bf16 numbers lose too much); F.rms_norm computes the same
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 def precompute_freqs(head_dim, max_seq_len, theta=10000.0):
     """cos and sin of the angle pos * theta^(-2i/head_dim), for each position and feature pair i."""
@@ -279,7 +280,7 @@ def apply_rotary_emb(x, freqs_cis):
     the distance between their positions: that is how attention sees order.
     """
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, head_dim/2), complex
-    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).type_as(x)  # (B, T, heads, head_dim)
+    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)  # (B, T, heads, head_dim)
 
 class Attention(nn.Module):
     """Causal self-attention in which groups of query heads share one of n_kv_heads key/value heads.
@@ -305,8 +306,8 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         mask, causal = None, T > 1
         if start_pos is not None:  # decoding: write this step's keys and values, read all so far
-            self.cache_k[:B, start_pos:start_pos + T], self.cache_v[:B, start_pos:start_pos + T] = k, v
-            k, v = self.cache_k[:B, :start_pos + T], self.cache_v[:B, :start_pos + T]  # (B, S, n_kv_heads, hd)
+            self.cache_k[:, start_pos:start_pos + T], self.cache_v[:, start_pos:start_pos + T] = k, v
+            k, v = self.cache_k[:, :start_pos + T], self.cache_v[:, :start_pos + T]  # (B, S, n_kv_heads, hd)
             if start_pos > 0 and T > 1:  # several new queries: all cached keys, then the causal part
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
                 causal = False
@@ -372,7 +373,8 @@ class Transformer(nn.Module):
         p0 = start_pos or 0
         if p0 + T > self.args.max_seq_len:
             raise ValueError(f"positions {p0}..{p0 + T - 1} exceed max_seq_len {self.args.max_seq_len}")
-        freqs_cis = torch.complex(self.freqs_cos[p0:p0 + T].float(), self.freqs_sin[p0:p0 + T].float())  # (T, hd/2)
+        cos, sin = self.freqs_cos[p0:p0 + T].float(), self.freqs_sin[p0:p0 + T].float()
+        freqs_cis = torch.complex(cos, sin)[:, None, :]  # (T, 1, head_dim/2): e^(i * angle), one per head
         h = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos)
@@ -387,7 +389,7 @@ class Transformer(nn.Module):
             layer.attention.cache_k, layer.attention.cache_v = (
                 w.new_zeros(batch_size, a.max_seq_len, a.n_kv_heads, a.head_dim) for _ in range(2))
 
-    @torch.no_grad()
+    @torch.inference_mode()  # like no_grad, and lighter: these tensors will never need gradients
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  generator=None, on_token=None):
         """Continue idx (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens).

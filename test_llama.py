@@ -6,6 +6,7 @@ server on 127.0.0.1). Needs input.txt beside llama.py (`.ci/run` copies it there
 import cmath
 import hashlib
 import http.server
+import importlib.util
 import math
 import os
 import pickle
@@ -61,7 +62,7 @@ def test_shapes_of_every_component():
     B, T, a = 3, 5, m.args
     x = torch.randn(B, T, a.dim)
     cos, sin = L.precompute_freqs(a.head_dim, T)
-    fc = torch.complex(cos, sin)
+    fc = torch.complex(cos, sin)[:, None]  # (T, 1, head_dim/2)
     assert L.RMSNorm(a.dim)(x).shape == (B, T, a.dim)
     assert L.apply_rotary_emb(torch.randn(B, T, 4, a.head_dim), fc).shape == (B, T, 4, a.head_dim)
     assert m.layers[0].attention(x, fc).shape == (B, T, a.dim)
@@ -113,7 +114,7 @@ def test_rotary_matches_complex_reference():
     B, T, H, hd, theta = 2, 6, 3, 8, 10000.0
     x = torch.randn(B, T, H, hd)
     cos, sin = L.precompute_freqs(hd, T, theta)
-    out = L.apply_rotary_emb(x, torch.complex(cos, sin))
+    out = L.apply_rotary_emb(x, torch.complex(cos, sin)[:, None])
     expected = torch.empty_like(x)
     for b in range(B):
         for t in range(T):
@@ -128,7 +129,7 @@ def test_rotary_dot_product_depends_only_on_offset():
     torch.manual_seed(0)
     hd, T = 16, 32
     cos, sin = L.precompute_freqs(hd, T)
-    fc = torch.complex(cos, sin)
+    fc = torch.complex(cos, sin)[:, None]  # (T, 1, head_dim/2)
     q, k = torch.randn(hd), torch.randn(hd)
     rq = L.apply_rotary_emb(q.expand(1, T, 1, hd), fc)[0, :, 0]  # (T, hd): q at every position
     rk = L.apply_rotary_emb(k.expand(1, T, 1, hd), fc)[0, :, 0]
@@ -156,7 +157,7 @@ def test_attention_matches_reference(n_kv_heads):
     m = tiny_model(n_heads=4, n_kv_heads=n_kv_heads, dim=32)
     x = torch.randn(2, 9, 32)
     cos, sin = L.precompute_freqs(8, 9)
-    fc = torch.complex(cos, sin)
+    fc = torch.complex(cos, sin)[:, None]  # (T, 1, head_dim/2)
     attn = m.layers[0].attention
     got, expected = attn(x, fc), reference_attention(attn, x, fc)
     assert torch.allclose(got, expected, atol=1e-5), (n_kv_heads, (got - expected).abs().max())
@@ -434,6 +435,8 @@ def test_bad_data_files(tmp_path):
 
 def test_train_eval_sample_end_to_end(trained, small_text, capsys):
     assert (trained / "ckpt.pt").exists() and (trained / "log.csv").exists()
+    if importlib.util.find_spec("matplotlib"):  # optional: the plot exists only where matplotlib does
+        assert (trained / "loss.png").stat().st_size > 1000
     rows = (trained / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,train_loss,val_loss") and len(rows) == 4, rows
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
@@ -545,3 +548,25 @@ def test_help_lists_commands(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert all(c in out for c in ("train", "sample", "eval", "bench")), out
+
+
+def test_whole_file_pasted_into_a_notebook_kernel(tmp_path, small_text):
+    """Issue: Colab. The file pasted into one cell, then main([...]) and %run in the next cells."""
+    nbformat = pytest.importorskip("nbformat", reason="notebook test needs nbformat (installed by .ci/run)")
+    nbclient = pytest.importorskip("nbclient", reason="notebook test needs nbclient (installed by .ci/run)")
+    pytest.importorskip("ipykernel", reason="notebook test needs ipykernel (installed by .ci/run)")
+    train = ["train", *TINY, "--steps", "10", "--data", str(small_text), "--out", "run"]
+    cells = [(HERE / "llama.py").read_text(encoding="utf-8"),  # runs nothing: there is no __file__
+             f"print('train rc', main({train!r}))",
+             "print('sample rc', main(['sample', '--ckpt', 'run/ckpt.pt', '--prompt', 'KING:', '--max-new-tokens', '9']))",
+             f"%run {HERE / 'llama.py'} sample --ckpt run/ckpt.pt --prompt QUEEN: --max-new-tokens 9"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = lambda cell: "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+    assert all(o.output_type != "error" for c in nb.cells for o in c.outputs), [c.outputs for c in nb.cells]
+    assert text(nb.cells[0]) == "", "pasting the file must not run anything"
+    assert "step    10/10" in text(nb.cells[1]) and "train rc 0" in text(nb.cells[1]), text(nb.cells[1])
+    assert text(nb.cells[2]).startswith("KING:") and "sample rc 0" in text(nb.cells[2]), text(nb.cells[2])
+    assert text(nb.cells[3]).startswith("QUEEN:"), text(nb.cells[3])
+    assert (tmp_path / "run" / "ckpt.pt").exists()
