@@ -5,24 +5,21 @@ llama.py: a LLaMA language model written from scratch and trained on Tiny Shakes
     python llama.py sample           generate text from out/ckpt.pt, printed as it is produced
     python llama.py eval             loss, accuracy, perplexity and bits per character on val and test
     python llama.py bench            training and decoding speed (KV cache against recomputation)
-    python llama.py export --out D   write Meta's checkpoint layout (params.json, consolidated.00.pth)
     python llama.py CMD --help       every flag of a command; in a notebook: main(["train", "--steps", "200"])
 
-What LLaMA changes relative to GPT-2: RMSNorm instead of LayerNorm, applied before each sub-layer;
-rotary positional embeddings (RoPE) instead of a learned position table; a SwiGLU feed-forward
-instead of a GELU MLP; no biases; and, from LLaMA 2 on, key/value heads shared by groups of query
-heads (grouped-query attention; with one key/value head, multi-query attention), which shrinks
-the KV cache that makes generation fast.
+What LLaMA changes relative to GPT-2: RMSNorm instead of LayerNorm, before each sub-layer; rotary
+positional embeddings (RoPE) instead of a learned position table; a SwiGLU feed-forward instead of
+a GELU MLP; no biases; and, from LLaMA 2 on, key/value heads shared by groups of query heads
+(grouped-query attention; multi-query with one key/value head), which shrinks the KV cache.
 
-References: Touvron et al. 2023, "LLaMA" (arXiv:2302.13971) and "Llama 2" (arXiv:2307.09288);
-Meta's llama/model.py (github.com/meta-llama/llama), whose parameter names this file uses;
-Su et al. 2021 (RoPE), Zhang & Sennrich 2019 (RMSNorm), Shazeer 2020 (SwiGLU), Shazeer 2019 (MQA).
+References: Touvron et al. 2023, "LLaMA" (arXiv:2302.13971) and "Llama 2" (arXiv:2307.09288); Meta's
+llama/model.py (github.com/meta-llama/llama), whose parameter names this file uses; Su et al. 2021 (RoPE),
+Zhang & Sennrich 2019 (RMSNorm), Shazeer 2020 (SwiGLU), Shazeer 2019 (multi-query attention).
 """
 import argparse
 import contextlib
 import hashlib
 import io
-import json
 import math
 import os
 import signal
@@ -31,7 +28,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import requests
@@ -62,7 +58,6 @@ GRAD_CLIP = 1.0  # the gradient's global L2 norm is clipped to this
 EVAL_BATCHES = 4  # fixed validation batches behind each log line's validation loss
 SEED = 1337  # seeds the weights, the batches and sampling
 OUT_DIR = "out"  # checkpoint, tokenizer cache and logs go here
-
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 # beside llama.py; pasted into a notebook cell (no __file__), in the working folder
@@ -72,38 +67,39 @@ ORIGINAL = {"val": {"loss": 4.469, "acc": 0.0559, "ppl": 87.3}, "test": {"acc": 
 
 # -----------------------------------------------------------------------------
 # Download
-# Tiny Shakespeare (1.1 MB) is fetched once, into a temporary file beside the target that is
-# renamed only when complete and checksummed: a failure never leaves a partial input.txt.
+# Tiny Shakespeare (1.1 MB) is fetched once. Every file this program writes goes to a temporary
+# name first and is renamed only when complete, so a failure never leaves half a file behind.
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside path, then rename it to path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30.0):
     """Fetch url into path unless path exists, checking the sha256 when one is given."""
     path = Path(path)
-    if path.exists():
+    if path.exists():  # never overwritten
         return path
     print(f"downloading {url} to {path} ...", flush=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
     try:
-        digest, size = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as f, requests.get(url, timeout=timeout, stream=True) as r:
-            r.raise_for_status()
-            for chunk in r.iter_content(1 << 16):
-                f.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-            expected = r.headers.get("Content-Length")
-        if expected is not None and int(expected) != size:
-            raise OSError(f"the body was cut short: {size} of {expected} bytes")
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise OSError(f"sha256 {digest.hexdigest()} is not the expected {sha256}")
-        if not path.exists():  # a file someone put there meanwhile is never overwritten
-            os.replace(tmp, path)
-        print(f"saved {size:,} bytes to {path}")
-        return path
+        r = requests.get(url, timeout=timeout)  # a body cut short raises: urllib3 checks Content-Length
+        r.raise_for_status()
+        digest = hashlib.sha256(r.content).hexdigest()
+        if sha256 is not None and digest != sha256:
+            raise OSError(f"sha256 {digest} is not the expected {sha256}")
+        atomic_write(path, lambda f: f.write(r.content))
     except (requests.RequestException, OSError) as e:
         raise OSError(f"could not download {url}: {e}; fetch it by hand: curl -L -o {path} {url}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    print(f"saved {len(r.content):,} bytes to {path}")
+    return path
 
 def read_text(path):
     """Read a UTF-8 text file, downloading Tiny Shakespeare first if it is the default one and missing."""
@@ -111,23 +107,25 @@ def read_text(path):
     if not path.exists() and path != HERE / "input.txt":
         raise FileNotFoundError(f"no data file at {path}: check --data")
     try:
-        return download(path).read_text(encoding="utf-8")
+        text = download(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+    if not text:
+        raise ValueError(f"{path} is empty: give a text file, such as Tiny Shakespeare")
+    return text
 
 # -----------------------------------------------------------------------------
 # Tokenizer
-# SentencePiece byte-pair encoding with VOCAB_SIZE pieces, trained on the training split only.
-# Its defaults normalize text (newlines vanish, runs of spaces collapse); we turn that off and
-# make "\n" a piece of its own, so decode(encode(text)) == text for the whole corpus.
+# SentencePiece BPE with VOCAB_SIZE pieces, trained on the training split. Its default normalization
+# (newlines vanish, runs of spaces collapse) is off and "\n" is a piece, so decode(encode(text)) == text.
 
 class Tokenizer:
     """A SentencePiece model, kept as its serialized bytes so that checkpoints carry it."""
-
     def __init__(self, model_proto: bytes):
         self.model_proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.vocab_size()
+        self.encode, self.decode = self.sp.encode, self.sp.decode  # str -> list of ids, list of ids -> str
         # characters each piece stands for ("▁" is SentencePiece's visible space), for bits per character
         self.n_chars = torch.tensor([0 if self.sp.is_unknown(i) else len(self.sp.id_to_piece(i))
                                      for i in range(self.vocab_size)])
@@ -136,12 +134,11 @@ class Tokenizer:
     def train(text: str, vocab_size: int) -> "Tokenizer":
         model = io.BytesIO()
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(text.splitlines(keepends=True)), model_writer=model,
-                vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
-                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-                allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
-                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=1, minloglevel=2)
+            spm.SentencePieceTrainer.train(  # bos/eos -1: no slots for tokens this model never uses
+                sentence_iterator=iter(text.splitlines(keepends=True)), model_writer=model, vocab_size=vocab_size,
+                model_type="bpe", character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
+                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
+                bos_id=-1, eos_id=-1, num_threads=1, minloglevel=2)
         except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars. 65 vs 60."
             raise ValueError(f"SentencePiece cannot make {vocab_size} pieces from this text ({e}); "
                              f"choose another --vocab-size") from None
@@ -150,12 +147,6 @@ class Tokenizer:
     def unknown_chars(self, text: str) -> str:
         """The characters of text that the tokenizer never saw in training (they would decode as ⁇)."""
         return "".join(sorted(c for c in set(text) if c != " " and self.sp.piece_to_id(c) == self.sp.unk_id()))
-
-    def encode(self, text: str) -> list:
-        return self.sp.encode(text)
-
-    def decode(self, ids) -> str:
-        return self.sp.decode(list(ids))
 
 def get_tokenizer(train_text: str, vocab_size: int, out_dir) -> Tokenizer:
     """Train once per (text, vocab size) and reuse the saved model on later runs."""
@@ -170,15 +161,13 @@ def get_tokenizer(train_text: str, vocab_size: int, out_dir) -> Tokenizer:
 
 # -----------------------------------------------------------------------------
 # Data
-# The text is cut into three contiguous parts, 70% train, 15% validation, 15% test, as the
-# original notebook did. A batch is BATCH_SIZE random windows of CONTEXT_WINDOW tokens, and
-# its targets are the same windows shifted one token to the right.
-
-SPLITS = {"train": (0.0, 0.7), "val": (0.7, 0.85), "test": (0.85, 1.0)}
+# Three contiguous parts, 70% train, 15% validation, 15% test, as the original notebook did. A batch
+# is BATCH_SIZE random windows of CONTEXT_WINDOW tokens; its targets are the windows shifted by one.
 
 def split_text(text: str) -> dict:
     """Cut at the 70% and 85% marks, by characters, so that the tokenizer can be trained on train only."""
-    return {name: text[int(a * len(text)):int(b * len(text))] for name, (a, b) in SPLITS.items()}
+    a, b = int(0.7 * len(text)), int(0.85 * len(text))
+    return {"train": text[:a], "val": text[a:b], "test": text[b:]}
 
 def load_splits(text: str, tok: Tokenizer, context: int) -> dict:
     """Token ids (a 1-D tensor) of each split, each long enough for one window and its targets."""
@@ -192,57 +181,48 @@ def load_splits(text: str, tok: Tokenizer, context: int) -> dict:
 
 def get_batch(data, batch_size, context, generator=None):
     """batch_size random windows of one split: inputs (B, T) and targets (B, T), shifted by one token."""
-    ix = torch.randint(len(data) - context, (batch_size,), generator=generator)
-    x = torch.stack([data[i:i + context] for i in ix])  # (B, T)
-    y = torch.stack([data[i + 1:i + 1 + context] for i in ix])  # (B, T)
-    return x, y
+    ix = torch.randint(len(data) - context, (batch_size,), generator=generator)  # (B,) window starts
+    w = data[ix[:, None] + torch.arange(context + 1)]  # (B, T + 1)
+    return w[:, :-1], w[:, 1:]
 
 def windows(data, context):
     """Every token of a split (but the first) as a target, once: consecutive windows, the last padded."""
-    n = math.ceil((len(data) - 1) / context)
-    x = torch.zeros(n * context, dtype=torch.long)
-    y = torch.full((n * context,), -100, dtype=torch.long)  # -100: cross_entropy's ignore_index
-    x[:len(data) - 1], y[:len(data) - 1] = data[:-1], data[1:]
-    return x.view(n, context), y.view(n, context)  # (N, T) each
+    pad = -(len(data) - 1) % context  # to a whole number of windows
+    x, y = F.pad(data[:-1], (0, pad)), F.pad(data[1:], (0, pad), value=-100)  # -100: cross_entropy ignores it
+    return x.view(-1, context), y.view(-1, context)  # (N, T) each
 
 # -----------------------------------------------------------------------------
 # Model
-# Smallest part first, in the order of the forward pass: RMSNorm, rotary embeddings, attention
-# with its KV cache, the SwiGLU feed-forward, the block, the whole model. No class reads the
-# globals above: everything comes in through ModelArgs.
+# Smallest part first, in forward-pass order: RMSNorm, rotary embeddings, attention with its KV cache,
+# the SwiGLU feed-forward, the block, the whole model. No class reads the globals: ModelArgs brings all.
 
 @dataclass
 class ModelArgs:
     """The model's shape, named as in Meta's llama/model.py."""
-
     dim: int = DIM
     n_layers: int = LAYERS
     n_heads: int = HEADS
-    n_kv_heads: Optional[int] = KV_HEADS  # None means n_heads (multi-head attention)
+    n_kv_heads: int | None = KV_HEADS  # None means n_heads (multi-head attention)
     vocab_size: int = VOCAB_SIZE
     multiple_of: int = 256  # the feed-forward width is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = CONTEXT_WINDOW
 
     def __post_init__(self):
-        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        self.head_dim = self.dim // max(1, self.n_heads)  # not a field: it follows from the others
         for name, value in asdict(self).items():
             if isinstance(value, int) and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}: change --dim or --heads")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}: "
-                             f"change --heads or --kv-heads")
-        if self.head_dim % 2:
-            raise ValueError(f"the head size dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim} is odd; "
-                             f"rotary embeddings rotate pairs of features, so it must be even")
-
-    @property
-    def head_dim(self):
-        return self.dim // self.n_heads
+        d, h, kv = self.dim, self.n_heads, self.n_kv_heads
+        for bad, message in [(d % h, f"dim {d} is not divisible by n_heads {h}"),
+                             (h % kv, f"n_heads {h} is not divisible by n_kv_heads {kv}"),
+                             (self.head_dim % 2, f"the head size dim / n_heads = {d} / {h} = {self.head_dim} is odd "
+                                                 f"(rotary embeddings rotate pairs of features)")]:
+            if bad:
+                raise ValueError(f"{message}: change --dim, --heads or --kv-heads")
 
     @property
     def hidden_dim(self):
@@ -254,7 +234,6 @@ class ModelArgs:
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight over each token's features: no mean subtracted, no bias."""
-
     def __init__(self, dim, eps=1e-5):
         super().__init__()
         self.eps = eps
@@ -273,21 +252,14 @@ def precompute_freqs(head_dim, max_seq_len, theta=10000.0):
     return angles.cos(), angles.sin()
 
 def apply_rotary_emb(x, freqs_cis):
-    """Rotate each feature pair (x[2i], x[2i+1]) by its position's angle, as a complex product.
-
-    This is Meta's interleaved-pair convention (Hugging Face's checkpoints pair x[i] with
-    x[i + head_dim/2] instead). A rotated query and key have a dot product that depends only on
-    the distance between their positions: that is how attention sees order.
-    """
+    """Rotate each feature pair (x[2i], x[2i+1]) by its position's angle, as a complex product (Meta's
+    convention). A rotated query and key have a dot product that depends only on their distance."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, head_dim/2), complex
     return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)  # (B, T, heads, head_dim)
 
 class Attention(nn.Module):
-    """Causal self-attention in which groups of query heads share one of n_kv_heads key/value heads.
-
-    n_kv_heads == n_heads is multi-head attention, 1 is multi-query, anything between grouped-query.
-    While decoding, the keys and values of earlier tokens come from a cache that setup_cache allocates.
-    """
+    """Causal self-attention; groups of query heads share each of the n_kv_heads key/value heads.
+    n_kv_heads == n_heads is multi-head attention, 1 is multi-query, anything between grouped-query."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -308,9 +280,8 @@ class Attention(nn.Module):
         if start_pos is not None:  # decoding: write this step's keys and values, read all so far
             self.cache_k[:, start_pos:start_pos + T], self.cache_v[:, start_pos:start_pos + T] = k, v
             k, v = self.cache_k[:, :start_pos + T], self.cache_v[:, :start_pos + T]  # (B, S, n_kv_heads, hd)
-            if start_pos > 0 and T > 1:  # several new queries: all cached keys, then the causal part
-                mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-                causal = False
+            if T > 1:  # several new queries: each sees every cached key and the causal part of its own
+                mask, causal = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos), False
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, head_dim)
         # enable_gqa lets each group of n_heads // n_kv_heads query heads read one key/value head: Meta's
         # repeat_kv, i.e. torch.repeat_interleave(k, n_heads // n_kv_heads, dim=1), without the copy
@@ -320,7 +291,6 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU, a gated MLP: w2(silu(w1 x) * w3 x)."""
-
     def __init__(self, dim, hidden_dim):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
@@ -332,7 +302,6 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-norm residual block: h = x + attention(norm(x)), then h + feed_forward(norm(h))."""
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attention = Attention(args)
@@ -346,7 +315,6 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """Token embeddings, n_layers blocks, a final RMSNorm, and a linear layer to the logits."""
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -364,11 +332,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers) if deep else 0.02)
 
     def forward(self, idx, targets=None, start_pos=None):
-        """Logits (B, T, vocab_size) for token ids idx (B, T), and the mean cross-entropy if targets are given.
-
-        start_pos=None runs whole sequences without a cache (training, evaluation); an integer says
-        that idx continues the cached sequence at that position (decoding, after setup_cache).
-        """
+        """Logits (B, T, vocab_size) for idx (B, T), and the mean cross-entropy if targets are given.
+        start_pos=None: whole sequences, no cache (training, evaluation); an integer: idx continues
+        the cached sequence at that position (decoding, after setup_cache)."""
         B, T = idx.shape
         p0 = start_pos or 0
         if p0 + T > self.args.max_seq_len:
@@ -383,44 +349,37 @@ class Transformer(nn.Module):
         return logits, loss
 
     def setup_cache(self, batch_size):
-        """Preallocate each layer's key/value cache, written in place while decoding (never concatenated)."""
-        w, a = self.tok_embeddings.weight, self.args
-        for layer in self.layers:  # (B, max_seq_len, n_kv_heads, head_dim) each
-            layer.attention.cache_k, layer.attention.cache_v = (
-                w.new_zeros(batch_size, a.max_seq_len, a.n_kv_heads, a.head_dim) for _ in range(2))
+        """Preallocate each layer's key/value cache (batch_size None frees it)."""
+        a, w = self.args, self.tok_embeddings.weight
+        shape = (batch_size, a.max_seq_len, a.n_kv_heads, a.head_dim)
+        for layer in self.layers:  # written in place while decoding, never concatenated
+            layer.attention.cache_k = None if batch_size is None else w.new_zeros(shape)
+            layer.attention.cache_v = None if batch_size is None else w.new_zeros(shape)
 
     @torch.inference_mode()  # like no_grad, and lighter: these tensors will never need gradients
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  generator=None, on_token=None):
         """Continue idx (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens).
-
-        The model sees at most max_seq_len tokens: a longer prompt is cut to its last max_seq_len.
-        When the window is full, it restarts from its most recent half: those tokens are run again
-        from position 0 (a fresh prefill of the cache) and decoding goes on after them. With
-        use_cache=False every step recomputes the whole window instead; both give the same tokens.
-        """
-        B, n = idx.shape
-        T = self.args.max_seq_len
+        The model sees at most max_seq_len tokens (of a longer prompt, the last ones). When the window
+        is full, its most recent half is run again from position 0 (refilling the cache) and decoding
+        goes on. use_cache=False recomputes the window at every step instead: the same tokens, slower."""
+        (B, n), T = idx.shape, self.args.max_seq_len
         seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)  # (B, T0 + max_new_tokens)
         start, cached = max(0, n - T), 0  # where the window starts in seq; its tokens in the cache
-        if use_cache:
-            self.setup_cache(B)
-        try:
-            for _ in range(max_new_tokens):
-                if n - start > T:  # the window is full: keep its last half, refill the cache from 0
-                    start, cached = n - max(1, T // 2), 0
-                if use_cache:  # only the tokens the cache has not seen: the prompt, then one at a time
-                    logits, _ = self(seq[:, start + cached:n], start_pos=cached)
-                    cached = n - start
-                else:
-                    logits, _ = self(seq[:, start:n])
-                seq[:, n] = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-                n += 1
-                if on_token is not None:
-                    on_token(seq[:, :n])
-        finally:
-            for layer in self.layers:  # free the cache
-                layer.attention.cache_k = layer.attention.cache_v = None
+        self.setup_cache(B if use_cache else None)
+        for _ in range(max_new_tokens):
+            if n - start > T:  # the window is full: keep its last half, refill the cache from 0
+                start, cached = n - max(1, T // 2), 0
+            if use_cache:  # only the tokens the cache has not seen: the prompt, then one at a time
+                logits, _ = self(seq[:, start + cached:n], start_pos=cached)
+                cached = n - start
+            else:
+                logits, _ = self(seq[:, start:n])
+            seq[:, n] = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            n += 1
+            if on_token is not None:
+                on_token(seq[:, :n])
+        self.setup_cache(None)  # free it
         return seq
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -439,18 +398,16 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 # -----------------------------------------------------------------------------
 # Training
-# Adam (AdamW) with linear warmup, cosine decay and gradient clipping, on random training batches.
-# Every LOG_INTERVAL steps a line: the mean training loss since the last line and the loss on a
-# fixed set of validation batches. At the end, out/ckpt.pt is saved and evaluated on the full splits.
+# Adam (AdamW) with warmup, cosine decay and gradient clipping. Every LOG_INTERVAL steps a line: the mean
+# training loss since the last one and the loss on fixed validation batches. Then save, and evaluate.
 
 TRAIN_KEYS = ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads", "vocab_size",
               "lr", "warmup", "log_interval", "seed", "data")  # saved in the checkpoint, reused by --resume
 
 def pick_device(name="auto"):
     """cuda, then mps, then cpu, unless the user names one."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(auto if name == "auto" else name)
 
 def autocast(device):
     """bf16 autocast on CUDA (the weights and Adam's state stay float32); nothing elsewhere."""
@@ -473,11 +430,17 @@ def lr_at(step, cfg):
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-def make_optimizer(model, cfg, device):
-    """Adam with decoupled weight decay on the matrices (not the norm gains); fused kernels on CUDA."""
+def build(cfg, vocab_size, device):
+    """The seeded model, what runs it (with --compile, a wrapper that checkpoints never save), and Adam."""
+    if device.type == "cuda":  # TF32 matmuls: float32 storage, faster tensor-core arithmetic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_args_from(cfg, vocab_size)).to(device)
+    # decoupled weight decay on the matrices only, not on the norms' gains; fused kernels on CUDA
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+    return model, torch.compile(model) if cfg.compile else model, optimizer
 
 def train_step(model, fwd, optimizer, x, y, lr, device):
     """One optimizer step on the batch (x, y); returns its loss. A non-finite loss changes nothing."""
@@ -504,9 +467,7 @@ def train(cfg):
     text = read_text(cfg.data)
     tok = Tokenizer(resume["tokenizer"]) if resume else get_tokenizer(split_text(text)["train"], cfg.vocab_size, out)
     data = load_splits(text, tok, cfg.context)
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_args_from(cfg, tok.vocab_size)).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    model, fwd, optimizer = build(cfg, tok.vocab_size, device)
     batch_gen, step = torch.Generator().manual_seed(cfg.seed), 0  # batch_gen draws the training batches
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -514,21 +475,15 @@ def train(cfg):
         batch_gen.set_state(resume["rng"])
         step = resume["step"]
         print(f"resuming from {ckpt_path} at step {step}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    fwd = torch.compile(model) if cfg.compile else model  # checkpoints save model, never the wrapper
-    print(f"{sum(p.numel() for p in model.parameters()):,} parameters | "
-          f"{len(data['train']):,} training tokens | device {device}")
-    # the same validation batches at every log line, so the curve shows the model, not the draw
-    val_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    val_x, val_y = map(torch.cat, zip(*(get_batch(data["val"], cfg.batch_size, cfg.context, val_gen)
-                                        for _ in range(EVAL_BATCHES))))  # (EVAL_BATCHES * B, T) each
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters | {len(data['train']):,} tokens | {device}")
+    # the same validation windows at every log line, so the curve shows the model, not the draw
+    val_x, val_y = get_batch(data["val"], EVAL_BATCHES * cfg.batch_size, cfg.context, torch.Generator().manual_seed(0))
     config = {k: getattr(cfg, k) for k in TRAIN_KEYS}
     save = lambda s: save_checkpoint(ckpt_path, model, tok, optimizer, s, batch_gen.get_state(), config)
     stop = []  # gets the signal number on SIGINT or SIGTERM; the step in progress finishes first
     handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     if not resume:
-        (out / "log.csv").write_text("step,train_loss,val_loss,lr,tokens_per_s\n")
+        (out / "log.csv").write_text("step,train_loss,val_loss,lr,tokens_per_s,peak_mib\n")
     t0 = t_last = time.time()
     eval_time, losses, first_step = 0.0, [], step
     try:
@@ -548,9 +503,10 @@ def train(cfg):
                 elapsed, train_loss = time.time() - t0, sum(losses) / len(losses)
                 left = elapsed / (step - first_step) * (cfg.steps - step)
                 print(f"step {step:5d}/{cfg.steps} | train {train_loss:.4f} | val {val_loss:.4f} | lr {lr:.2e} | "
-                      f"{tok_s:,.0f} tok/s | {fmt_time(elapsed)} elapsed, {fmt_time(left)} left", flush=True)
+                      f"{tok_s:,.0f} tok/s | {elapsed:.0f}s elapsed, {left:.0f}s left", flush=True)
                 with open(out / "log.csv", "a") as log:
-                    log.write(f"{step},{train_loss:.5f},{val_loss:.5f},{lr:.6g},{tok_s:.0f}\n")
+                    log.write(f"{step},{train_loss:.5f},{val_loss:.5f},{lr:.6g},{tok_s:.0f},"
+                              f"{peak_memory_mib(device):.0f}\n")
                 losses, t_last = [], time.time()
             if cfg.save_every and step % cfg.save_every == 0:
                 save(step)
@@ -563,13 +519,10 @@ def train(cfg):
               f"continue with: python llama.py train --resume --out {cfg.out}")
         return None
     total = time.time() - t0
-    print(f"saved {ckpt_path} | {fmt_time(total)} | validation logging took {100 * eval_time / total:.0f}% of it")
+    print(f"saved {ckpt_path} | {total:.0f}s, {100 * eval_time / total:.0f}% of it validation logging | "
+          f"peak memory {peak_memory_mib(device):,.0f} MiB")
     plot_log(out)
     return report(model, tok, data, cfg.context, cfg.batch_size, device)
-
-def fmt_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
 
 def plot_log(out):
     """out/loss.png from out/log.csv when matplotlib is installed (Colab has it); it is optional."""
@@ -579,8 +532,7 @@ def plot_log(out):
         return
     rows = np.loadtxt(out / "log.csv", delimiter=",", skiprows=1, ndmin=2)
     ax = (fig := Figure(figsize=(7, 4))).subplots()
-    ax.plot(rows[:, 0], rows[:, 1], label="train (mean since the last point)")
-    ax.plot(rows[:, 0], rows[:, 2], label=f"validation ({EVAL_BATCHES} fixed batches)")
+    ax.plot(rows[:, 0], rows[:, 1:3], label=["train (mean since the last point)", "validation (fixed batches)"])
     ax.axhline(ORIGINAL["val"]["loss"], color="gray", ls="--", label="original README, validation")
     ax.set(xlabel="step", ylabel="loss (nats per token)", title="llama.py on Tiny Shakespeare")
     ax.legend()
@@ -588,9 +540,8 @@ def plot_log(out):
 
 # -----------------------------------------------------------------------------
 # Evaluation
-# Every token of the validation and test splits, once, in consecutive windows: no random batches,
-# so the numbers are exact and repeatable. Bits per character divide the total loss by the
-# characters predicted, so they compare across tokenizers and with character-level models.
+# Every token of the validation and test splits, once, in consecutive windows (exact and repeatable).
+# Bits per character divide the loss by the characters predicted: they compare across tokenizers.
 
 @torch.no_grad()
 def evaluate(model, x, y, batch_size, device, n_chars=None, progress=None):
@@ -605,10 +556,8 @@ def evaluate(model, x, y, batch_size, device, n_chars=None, progress=None):
         count += (yb != -100).sum().item()
         if progress:
             print(f"\r{progress} {min(i + batch_size, len(x)) / len(x):4.0%}", end="", flush=True)
-    result = {"loss": loss_sum / count, "acc": correct / count, "ppl": math.exp(loss_sum / count)}
-    if n_chars is not None:
-        result["bpc"] = loss_sum / (n_chars * math.log(2))
-    return result
+    bpc = loss_sum / (n_chars * math.log(2)) if n_chars else None  # bits per character
+    return {"loss": loss_sum / count, "acc": correct / count, "ppl": math.exp(loss_sum / count), "bpc": bpc}
 
 def report(model, tok, data, context, batch_size, device):
     """Evaluate the full validation and test splits; print them beside the original README's numbers."""
@@ -629,9 +578,9 @@ def report(model, tok, data, context, batch_size, device):
 # The prompt is encoded and run through the model once, filling the KV cache; then one token at
 # a time is sampled and fed back, and the text is printed as soon as it is decoded.
 
-def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=None, top_p=None,
-           seed=SEED, num_samples=1, stream=True):
-    """num_samples continuations of prompt, printed as they are produced when stream is set."""
+def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=None, top_p=None, seed=SEED,
+           num_samples=1):
+    """Print num_samples continuations of prompt as they are produced, and return them."""
     for bad, message in [
         (temperature < 0, f"--temperature must be 0 (greedy) or more, got {temperature}"),
         (top_k is not None and top_k < 1, f"--top-k must be at least 1, got {top_k}"),
@@ -643,43 +592,24 @@ def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=N
         if bad:
             raise ValueError(message)
     ids, T, device = tok.encode(prompt), model.args.max_seq_len, model.output.weight.device
-    if len(ids) > T and stream:
+    if len(ids) > T:
         print(f"(the prompt has {len(ids)} tokens; the model sees its last {T})", file=sys.stderr)
     generator = torch.Generator(device).manual_seed(seed)
+    show = lambda seq: print(tok.decode(seq[0, -1:].tolist()), end="", flush=True)  # the newest piece
     texts = []
     for i in range(num_samples):
-        shown = [0]  # characters printed so far
-
-        def show(seq):
-            text = tok.decode(seq[0].tolist())
-            print(text[shown[0]:], end="", flush=True)
-            shown[0] = len(text)
-
+        print(prompt, end="", flush=True)
         idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T0)
         out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator=generator,
-                             on_token=show if stream else None)
+                             on_token=show)
         texts.append(tok.decode(out[0].tolist()))
-        if stream:
-            print(texts[-1][shown[0]:] + ("\n" + "-" * 40 if i < num_samples - 1 else ""))
+        print("\n" + "-" * 40 if i < num_samples - 1 else "")
     return texts
 
 # -----------------------------------------------------------------------------
-# Checkpoints, export and bench
+# Checkpoints and bench
 # A checkpoint holds only tensors, numbers, strings and bytes, so torch.load(weights_only=True)
-# reads it and no pickled code can run. Every file is written to a temporary name and renamed.
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside path, then rename it to path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# reads it and no pickled code can run; it is written with atomic_write, like every file here.
 
 def save_checkpoint(path, model, tok, optimizer, step, rng, config):
     ckpt = {"model": model.state_dict(), "model_args": asdict(model.args), "tokenizer": tok.model_proto,
@@ -715,13 +645,20 @@ def load_model(path, device):
         raise ValueError(f"{path}: the weights do not fit {ckpt['model_args']}: {str(e)[:300]}") from None
     return model.to(device).eval(), tok
 
+def peak_memory_mib(device):
+    """The most memory this process has held so far: allocated on the GPU, else resident (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    if sys.platform == "win32":  # no resource module there
+        return float("nan")
+    import resource  # Unix only, so imported here
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
 def bench(cfg):
     """Training tokens/s at cfg's settings; greedy decoding tokens/s with and without the KV cache."""
     device = pick_device(cfg.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_args_from(cfg)).to(device)
-    optimizer, fwd = make_optimizer(model, cfg, device), torch.compile(model) if cfg.compile else model
+    model, fwd, optimizer = build(cfg, cfg.vocab_size, device)
     data = torch.randint(cfg.vocab_size, (100_000,))  # the speed does not depend on the text
     print(f"device {device} | {torch.get_num_threads()} threads | torch {torch.__version__}")
     for i in range(cfg.bench_warmup + cfg.bench_steps):
@@ -745,12 +682,7 @@ def bench(cfg):
     print(f"decode {speed[True]:10,.0f} tokens/s with the KV cache, {speed[False]:,.0f} recomputing "
           f"({n} greedy tokens, batch 1): {speed[True] / speed[False]:.1f}x; "
           f"same tokens: {torch.equal(outs[True], outs[False])}")
-    if device.type == "cuda":
-        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated on the GPU")
-    else:
-        import resource  # Unix only, hence here
-
-        print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident")
+    print(f"peak memory {peak_memory_mib(device):,.0f} MiB ({'GPU' if device.type == 'cuda' else 'resident'})")
     return {"train_tok_s": train_tok_s, "decode_tok_s": speed[True], "recompute_tok_s": speed[False]}
 
 # -----------------------------------------------------------------------------
@@ -761,39 +693,37 @@ def bench(cfg):
 def build_parser():
     parser = argparse.ArgumentParser(prog="llama.py", description=__doc__.strip().split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto: the first available")
-    common.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED})")
-    common.add_argument("--data", default=str(HERE / "input.txt"), help="the text, UTF-8 (default input.txt)")
-    model = argparse.ArgumentParser(add_help=False)
-    for flag, value, kind, what in [
-        ("--steps", EPOCHS, int, "optimizer steps (EPOCHS)"), ("--batch-size", BATCH_SIZE, int, "sequences per step"),
-        ("--context", CONTEXT_WINDOW, int, "tokens per sequence (CONTEXT_WINDOW)"),
-        ("--dim", DIM, int, "embedding width"), ("--layers", LAYERS, int, "transformer blocks"),
-        ("--heads", HEADS, int, "query heads"), ("--kv-heads", KV_HEADS, int, "key/value heads"),
-        ("--vocab-size", VOCAB_SIZE, int, "tokenizer pieces"), ("--lr", LEARNING_RATE, float, "peak learning rate"),
-        ("--warmup", WARMUP_STEPS, int, "warmup steps"), ("--log-interval", LOG_INTERVAL, int, "steps per log line")]:
-        model.add_argument(flag, type=kind, default=value, help=f"{what} (default {value})")
-    model.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    model.add_argument("--out", default=OUT_DIR, help=f"folder for the checkpoint and logs (default {OUT_DIR})")
-    p = sub.add_parser("train", parents=[common, model], help="train a model and evaluate it")
-    p.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt, with its own settings")
-    p.add_argument("--save-every", type=int, default=0, help="also save the checkpoint every N steps")
-    p = sub.add_parser("bench", parents=[common, model], help="training and decoding tokens/s")
-    p.add_argument("--new-tokens", type=int, default=512, help="tokens to decode (default 512)")
-    p.add_argument("--bench-steps", type=int, default=50, help="timed training steps (default 50)")
-    p.add_argument("--bench-warmup", type=int, default=10, help="untimed training steps first (default 10)")
-    for name, what in (("sample", "generate text from a checkpoint"), ("eval", "evaluate a checkpoint")):
-        p = sub.add_parser(name, parents=[common], help=what)
-        p.add_argument("--ckpt", default=str(Path(OUT_DIR) / "ckpt.pt"), help="checkpoint (default out/ckpt.pt)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="evaluation batches hold 16x this")
-    p = sub.choices["sample"]
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (default 500)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random (0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample only from the likeliest tokens of mass p")
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    commands = {"train": "train a model and evaluate it", "sample": "generate text from a checkpoint",
+                "eval": "evaluate a checkpoint", "bench": "training and decoding tokens/s"}
+    subs = {name: sub.add_parser(name, help=what, description=what) for name, what in commands.items()}
+    run, ckpt = ("train", "bench"), ("sample", "eval")
+    for flag, default, kind, what, where in [  # where: the commands that take the flag
+        ("--steps", EPOCHS, int, "optimizer steps (EPOCHS)", run),
+        ("--batch-size", BATCH_SIZE, int, "sequences per step (eval: per batch, times 16)", run + ("eval",)),
+        ("--context", CONTEXT_WINDOW, int, "tokens per sequence (CONTEXT_WINDOW)", run),
+        ("--dim", DIM, int, "embedding width", run), ("--layers", LAYERS, int, "transformer blocks", run),
+        ("--heads", HEADS, int, "query heads", run), ("--kv-heads", KV_HEADS, int, "key/value heads", run),
+        ("--vocab-size", VOCAB_SIZE, int, "tokenizer pieces", run),
+        ("--lr", LEARNING_RATE, float, "peak learning rate", run), ("--warmup", WARMUP_STEPS, int, "warmup", run),
+        ("--log-interval", LOG_INTERVAL, int, "steps per log line", run),
+        ("--out", OUT_DIR, str, "folder for the checkpoint and logs", run),
+        ("--save-every", 0, int, "also save the checkpoint every N steps (0: only at the end)", ("train",)),
+        ("--new-tokens", 512, int, "tokens to decode", ("bench",)), ("--bench-steps", 50, int, "timed", ("bench",)),
+        ("--bench-warmup", 10, int, "untimed training steps before them", ("bench",)),
+        ("--ckpt", str(Path(OUT_DIR) / "ckpt.pt"), str, "checkpoint to load", ckpt),
+        ("--prompt", "\n", str, "text to continue", ("sample",)),
+        ("--max-new-tokens", 500, int, "tokens to generate", ("sample",)),
+        ("--temperature", 0.8, float, "0 is greedy; higher is more random", ("sample",)),
+        ("--top-k", None, int, "sample from the k likeliest tokens only", ("sample",)),
+        ("--top-p", None, float, "sample from the likeliest tokens holding this probability only", ("sample",)),
+        ("--num-samples", 1, int, "independent samples", ("sample",)), ("--seed", SEED, int, "seed", tuple(commands)),
+        ("--device", "auto", str, "cuda, mps, cpu, or auto: the first of them available", tuple(commands)),
+        ("--data", str(HERE / "input.txt"), str, "the text (UTF-8)", run + ("eval",))]:
+        for name in where:
+            subs[name].add_argument(flag, type=kind, default=default, help=f"{what} (default {default!r})")
+    subs["train"].add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt, with its own settings")
+    for name in run:
+        subs[name].add_argument("--compile", action="store_true", help="torch.compile the model for training")
     return parser
 
 def main(argv=None):
@@ -808,9 +738,9 @@ def main(argv=None):
         if cfg.command == "sample":
             sample(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                    cfg.seed, cfg.num_samples)
-        else:
-            data = load_splits(read_text(cfg.data), tok, model.args.max_seq_len)
-            report(model, tok, data, model.args.max_seq_len, cfg.batch_size, model.output.weight.device)
+            return 0
+        data = load_splits(read_text(cfg.data), tok, model.args.max_seq_len)
+        report(model, tok, data, model.args.max_seq_len, cfg.batch_size, model.output.weight.device)
         return 0
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -311,7 +312,7 @@ def test_tokenizer_refuses_impossible_vocab_size():
 def test_checkpoint_round_trip(tmp_path):
     m = tiny_model(vocab_size=130, n_kv_heads=2)
     tok = L.Tokenizer.train("To be, or not to be, that is the question:\n" * 200 + "xyzqjkvbwg.,;:!?'-\n", 60)
-    m = L.Transformer(L.ModelArgs(**{**vars(m.args), "vocab_size": tok.vocab_size}))
+    m = L.Transformer(L.ModelArgs(**{**asdict(m.args), "vocab_size": tok.vocab_size}))
     opt = torch.optim.AdamW(m.parameters())
     L.save_checkpoint(tmp_path / "ckpt.pt", m, tok, opt, 7, torch.Generator().get_state(), {"steps": 7})
     raw = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -460,7 +461,7 @@ def test_greedy_sample_is_deterministic_and_matches_model(trained):
     model, tok = L.load_model(trained / "ckpt.pt", "cpu")
     ids = tok.encode("ROMEO:")
     n = model.args.max_seq_len - len(ids)  # stay inside the window: plain greedy decoding
-    text = L.sample(model, tok, "ROMEO:", max_new_tokens=n, temperature=0, stream=False)[0]
+    text = L.sample(model, tok, "ROMEO:", max_new_tokens=n, temperature=0)[0]
     for _ in range(n):  # greedy by hand, recomputing everything at each step
         ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
     assert text == tok.decode(ids) and n > 0
@@ -530,7 +531,7 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path, small_text):
     assert b["step"] == 300
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resuming at {stopped_at}"
-    last = lambda run: (tmp_path / run / "log.csv").read_text().splitlines()[-1].rsplit(",", 1)[0]
+    last = lambda run: (tmp_path / run / "log.csv").read_text().splitlines()[-1].rsplit(",", 2)[0]
     assert last("a") == last("b"), "the last log line (step, losses, lr) differs"
 
 
