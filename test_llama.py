@@ -303,8 +303,10 @@ def test_tokenizer_round_trips_all_of_input_and_is_reproducible():
 
 
 def test_tokenizer_refuses_impossible_vocab_size():
-    with pytest.raises(ValueError, match="cannot make 20 pieces"):
-        L.Tokenizer.train("the quick brown fox jumps over the lazy dog\n" * 50, 20)
+    text = "the quick brown fox jumps over the lazy dog\n" * 50
+    for size in (20, 5000):  # fewer pieces than characters; more than the text can make
+        with pytest.raises(ValueError, match=f"cannot make {size} pieces"):
+            L.Tokenizer.train(text, size)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -322,6 +324,21 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(m.eval()(idx)[0], loaded(idx)[0])
     assert tok2.model_proto == tok.model_proto
     assert [p for p in os.listdir(tmp_path)] == ["ckpt.pt"], "temporary files left behind"
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    tok = L.Tokenizer.train("To be, or not to be, that is the question:\n" * 200, 40)
+    m = L.Transformer(L.ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=40, multiple_of=8))
+    L.save_checkpoint(tmp_path / "ckpt.pt", m, tok, torch.optim.AdamW(m.parameters()), 1, None, {})
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["model_args"]["dim"] = 32  # the weights are 16 wide
+    torch.save(ckpt, tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        L.load_model(tmp_path / "wide.pt", "cpu")
+    ckpt["model_args"].update(dim=16, vocab_size=41)  # the tokenizer has 40 pieces
+    torch.save(ckpt, tmp_path / "vocab.pt")
+    with pytest.raises(ValueError, match="tokenizer has 40 pieces but its model 41"):
+        L.load_model(tmp_path / "vocab.pt", "cpu")
 
 
 class Evil:
@@ -425,6 +442,9 @@ def test_bad_data_files(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8"):
         L.read_text(tmp_path / "latin1.txt")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        L.read_text(tmp_path / "empty.txt")
     with pytest.raises(FileNotFoundError, match="no data file"):
         L.read_text(tmp_path / "nope.txt")
     tok = L.Tokenizer.train("abcdefgh ijkl\n" * 30, 20)
@@ -533,6 +553,20 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path, small_text):
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resuming at {stopped_at}"
     last = lambda run: (tmp_path / run / "log.csv").read_text().splitlines()[-1].rsplit(",", 2)[0]
     assert last("a") == last("b"), "the last log line (step, losses, lr) differs"
+
+
+def test_save_every_survives_a_kill(tmp_path, small_text):
+    """SIGKILL gives no chance to save: what is on disk comes from --save-every alone."""
+    args = [sys.executable, str(HERE / "llama.py"), "train", *TINY, "--steps", "100000", "--save-every", "10",
+            "--data", str(small_text), "--out", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log, deadline = tmp_path / "log.csv", time.time() + 60
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    step = L.load_checkpoint(tmp_path / "ckpt.pt")["step"]  # intact, even if the kill hit a save
+    assert step >= 20 and step % 10 == 0, step
 
 
 def test_bench_runs_on_a_tiny_setting(capsys):
