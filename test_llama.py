@@ -477,6 +477,15 @@ def test_train_eval_sample_end_to_end(trained, small_text, capsys):
     assert capsys.readouterr().out != one
 
 
+def test_same_seed_same_losses(trained, small_text, tmp_path):
+    assert L.main(["train", *TINY, "--data", small_text, "--out", tmp_path]) == 0
+    columns = lambda run: [row.split(",")[:4] for row in (run / "log.csv").read_text().splitlines()]
+    assert columns(tmp_path) == columns(trained), "step, train loss, val loss and lr should repeat exactly"
+    first = torch.load(trained / "ckpt.pt", weights_only=True)["model"]
+    second = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_greedy_sample_is_deterministic_and_matches_model(trained):
     model, tok = L.load_model(trained / "ckpt.pt", "cpu")
     ids = tok.encode("ROMEO:")
