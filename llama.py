@@ -104,7 +104,7 @@ def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30.0):
 def read_text(path):
     """Read a UTF-8 text file, downloading Tiny Shakespeare first if it is the default one and missing."""
     path = Path(path)
-    if not path.exists() and path != HERE / "input.txt":
+    if not path.exists() and path.resolve() != HERE / "input.txt":
         raise FileNotFoundError(f"no data file at {path}: check --data")
     try:
         text = download(path).read_text(encoding="utf-8")

@@ -486,6 +486,15 @@ def test_same_seed_same_losses(trained, small_text, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@needs_input
+def test_documented_settings_meet_the_quality_bar(tmp_path):
+    """The README's headline: the documented hyperparameters, 1000 steps, evaluated on every token (~50 s)."""
+    results = L.train(L.build_parser().parse_args(["train", "--out", str(tmp_path), "--data", str(INPUT)]))
+    val, test = results["val"], results["test"]
+    assert val["ppl"] <= 15.3 and val["bpc"] <= 2.66 and val["acc"] >= 0.29, val
+    assert test["ppl"] <= 16.4, test
+
+
 def test_greedy_sample_is_deterministic_and_matches_model(trained):
     model, tok = L.load_model(trained / "ckpt.pt", "cpu")
     ids = tok.encode("ROMEO:")
