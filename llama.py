@@ -646,13 +646,13 @@ def load_model(path, device):
     return model.to(device).eval(), tok
 
 def peak_memory_mib(device):
-    """The most memory this process has held so far: allocated on the GPU, else resident (Linux)."""
+    """The most memory this process has held so far: allocated on the GPU, else resident."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     if sys.platform == "win32":  # no resource module there
         return float("nan")
-    import resource  # Unix only, so imported here
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    import resource  # Unix only, so imported here; ru_maxrss is in KiB, on macOS in bytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 def bench(cfg):
     """Training tokens/s at cfg's settings; greedy decoding tokens/s with and without the KV cache."""
