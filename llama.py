@@ -401,8 +401,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 # Adam (AdamW) with warmup, cosine decay and gradient clipping. Every LOG_INTERVAL steps a line: the mean
 # training loss since the last one and the loss on fixed validation batches. Then save, and evaluate.
 
-TRAIN_KEYS = ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads", "vocab_size",
-              "lr", "warmup", "log_interval", "seed", "data")  # saved in the checkpoint, reused by --resume
+TRAIN_KEYS = ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads", "vocab_size", "lr",
+              "warmup", "weight_decay", "log_interval", "seed", "data")  # saved in the checkpoint, reused by --resume
 
 def pick_device(name="auto"):
     """cuda, then mps, then cpu, unless the user names one."""
@@ -437,7 +437,7 @@ def build(cfg, vocab_size, device):
     torch.manual_seed(cfg.seed)
     model = Transformer(model_args_from(cfg, vocab_size)).to(device)
     # decoupled weight decay on the matrices only, not on the norms' gains; fused kernels on CUDA
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
     return model, torch.compile(model) if cfg.compile else model, optimizer
@@ -705,8 +705,8 @@ def build_parser():
         ("--heads", HEADS, int, "query heads", run), ("--kv-heads", KV_HEADS, int, "key/value heads", run),
         ("--vocab-size", VOCAB_SIZE, int, "tokenizer pieces", run),
         ("--lr", LEARNING_RATE, float, "peak learning rate", run), ("--warmup", WARMUP_STEPS, int, "warmup", run),
-        ("--log-interval", LOG_INTERVAL, int, "steps per log line", run),
-        ("--out", OUT_DIR, str, "folder for the checkpoint and logs", run),
+        ("--log-interval", LOG_INTERVAL, int, "steps per log line", run), ("--out", OUT_DIR, str, "output folder", run),
+        ("--weight-decay", WEIGHT_DECAY, float, "AdamW's decoupled weight decay on the weight matrices", run),
         ("--save-every", 0, int, "also save the checkpoint every N steps (0: only at the end)", ("train",)),
         ("--new-tokens", 512, int, "tokens to decode", ("bench",)), ("--bench-steps", 50, int, "timed", ("bench",)),
         ("--bench-warmup", 10, int, "untimed training steps before them", ("bench",)),

@@ -9,7 +9,6 @@ import http.server
 import importlib.util
 import math
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import llama as L
 
