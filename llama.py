@@ -704,11 +704,11 @@ def build_parser():
         ("--dim", DIM, int, "embedding width", run), ("--layers", LAYERS, int, "transformer blocks", run),
         ("--heads", HEADS, int, "query heads", run), ("--kv-heads", KV_HEADS, int, "key/value heads", run),
         ("--vocab-size", VOCAB_SIZE, int, "tokenizer pieces", run),
-        ("--lr", LEARNING_RATE, float, "peak learning rate", run), ("--warmup", WARMUP_STEPS, int, "warmup", run),
+        ("--lr", LEARNING_RATE, float, "peak learning rate", run), ("--warmup", WARMUP_STEPS, int, "warmup steps", run),
         ("--log-interval", LOG_INTERVAL, int, "steps per log line", run), ("--out", OUT_DIR, str, "output folder", run),
         ("--weight-decay", WEIGHT_DECAY, float, "AdamW's decoupled weight decay on the weight matrices", run),
         ("--save-every", 0, int, "also save the checkpoint every N steps (0: only at the end)", ("train",)),
-        ("--new-tokens", 512, int, "tokens to decode", ("bench",)), ("--bench-steps", 50, int, "timed", ("bench",)),
+        ("--new-tokens", 512, int, "tokens decoded", ("bench",)), ("--bench-steps", 50, int, "timed steps", ("bench",)),
         ("--bench-warmup", 10, int, "untimed training steps before them", ("bench",)),
         ("--ckpt", str(Path(OUT_DIR) / "ckpt.pt"), str, "checkpoint to load", ckpt),
         ("--prompt", "\n", str, "text to continue", ("sample",)),
@@ -716,7 +716,7 @@ def build_parser():
         ("--temperature", 0.8, float, "0 is greedy; higher is more random", ("sample",)),
         ("--top-k", None, int, "sample from the k likeliest tokens only", ("sample",)),
         ("--top-p", None, float, "sample from the likeliest tokens holding this probability only", ("sample",)),
-        ("--num-samples", 1, int, "independent samples", ("sample",)), ("--seed", SEED, int, "seed", tuple(commands)),
+        ("--num-samples", 1, int, "samples", ("sample",)), ("--seed", SEED, int, "random seed", tuple(commands)),
         ("--device", "auto", str, "cuda, mps, cpu, or auto: the first of them available", tuple(commands)),
         ("--data", str(HERE / "input.txt"), str, "the text (UTF-8)", run + ("eval",))]:
         for name in where:
