@@ -508,7 +508,7 @@ def train(cfg):
                     log.write(f"{step},{train_loss:.5f},{val_loss:.5f},{lr:.6g},{tok_s:.0f},"
                               f"{peak_memory_mib(device):.0f}\n")
                 losses, t_last = [], time.time()
-            if cfg.save_every and step % cfg.save_every == 0:
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:  # the last is saved below
                 save(step)
     finally:
         for s, h in handlers.items():
@@ -587,8 +587,8 @@ def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=N
         (top_p is not None and not 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
         (max_new_tokens < 0, f"--max-new-tokens must be 0 or more, got {max_new_tokens}"),
         (prompt == "", 'the prompt is empty: give at least one character, such as --prompt "\\n" (the default)'),
-        (tok.unknown_chars(prompt), f"the prompt has characters the tokenizer never saw: "
-                                    f"{tok.unknown_chars(prompt)!r}; remove or replace them")]:
+        (unknown := tok.unknown_chars(prompt), f"the prompt has characters the tokenizer never saw: "
+                                               f"{unknown!r}; remove or replace them")]:
         if bad:
             raise ValueError(message)
     ids, T, device = tok.encode(prompt), model.args.max_seq_len, model.output.weight.device
