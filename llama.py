@@ -209,6 +209,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = CONTEXT_WINDOW
+    dropout: float = 0.0  # not Meta's: LLaMA trains on far more text than this and drops nothing
 
     def __post_init__(self):
         self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -308,10 +309,12 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.dropout = args.dropout
 
     def forward(self, x, freqs_cis, start_pos=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        p = self.dropout if self.training else 0.0  # residual dropout: a regularizer for small data
+        h = x + F.dropout(self.attention(self.attention_norm(x), freqs_cis, start_pos), p)
+        return h + F.dropout(self.feed_forward(self.ffn_norm(h)), p)
 
 class Transformer(nn.Module):
     """Token embeddings, n_layers blocks, a final RMSNorm, and a linear layer to the logits."""
@@ -401,8 +404,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 # Adam (AdamW) with warmup, cosine decay and gradient clipping. Every LOG_INTERVAL steps a line: the mean
 # training loss since the last one and the loss on fixed validation batches. Then save, and evaluate.
 
-TRAIN_KEYS = ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads", "vocab_size", "lr",
-              "warmup", "weight_decay", "log_interval", "seed", "data")  # saved in the checkpoint, reused by --resume
+TRAIN_KEYS = ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads", "vocab_size", "lr", "warmup",
+              "weight_decay", "dropout", "log_interval", "seed", "data")  # saved in the checkpoint, reused by --resume
 
 def pick_device(name="auto"):
     """cuda, then mps, then cpu, unless the user names one."""
@@ -418,10 +421,12 @@ def model_args_from(cfg, vocab_size=None):
     for name in ("steps", "batch_size", "context", "vocab_size", "log_interval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    for bad, message in [(not cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+                         (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")]:
+        if bad:
+            raise ValueError(message)
     return ModelArgs(dim=cfg.dim, n_layers=cfg.layers, n_heads=cfg.heads, n_kv_heads=cfg.kv_heads,
-                     vocab_size=vocab_size or cfg.vocab_size, max_seq_len=cfg.context)
+                     vocab_size=vocab_size or cfg.vocab_size, max_seq_len=cfg.context, dropout=cfg.dropout)
 
 def lr_at(step, cfg):
     """Linear warmup to cfg.lr over cfg.warmup steps, then cosine decay to MIN_LR_FRACTION of it."""
@@ -478,12 +483,13 @@ def train(cfg):
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters | {len(data['train']):,} tokens | {device}")
     # the same validation windows at every log line, so the curve shows the model, not the draw
     val_x, val_y = get_batch(data["val"], EVAL_BATCHES * cfg.batch_size, cfg.context, torch.Generator().manual_seed(0))
+    val_tokens_per_char = val_y.numel() / tok.n_chars[val_y].sum().item()  # turns nats/token into nats/char
     config = {k: getattr(cfg, k) for k in TRAIN_KEYS}
     save = lambda s: save_checkpoint(ckpt_path, model, tok, optimizer, s, batch_gen.get_state(), config)
     stop = []  # gets the signal number on SIGINT or SIGTERM; the step in progress finishes first
     handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     if not resume:
-        (out / "log.csv").write_text("step,train_loss,val_loss,lr,tokens_per_s,peak_mib\n")
+        (out / "log.csv").write_text("step,train_loss,val_loss,val_nats_per_char,lr,tokens_per_s,peak_mib,seconds\n")
     t0 = t_last = time.time()
     eval_time, losses, first_step = 0.0, [], step
     try:
@@ -505,8 +511,8 @@ def train(cfg):
                 print(f"step {step:5d}/{cfg.steps} | train {train_loss:.4f} | val {val_loss:.4f} | lr {lr:.2e} | "
                       f"{tok_s:,.0f} tok/s | {elapsed:.0f}s elapsed, {left:.0f}s left", flush=True)
                 with open(out / "log.csv", "a") as log:
-                    log.write(f"{step},{train_loss:.5f},{val_loss:.5f},{lr:.6g},{tok_s:.0f},"
-                              f"{peak_memory_mib(device):.0f}\n")
+                    log.write(f"{step},{train_loss:.5f},{val_loss:.5f},{val_loss * val_tokens_per_char:.5f},{lr:.6g},"
+                              f"{tok_s:.0f},{peak_memory_mib(device):.0f},{elapsed:.1f}\n")
                 losses, t_last = [], time.time()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:  # the last is saved below
                 save(step)
@@ -546,7 +552,8 @@ def plot_log(out):
 @torch.no_grad()
 def evaluate(model, x, y, batch_size, device, n_chars=None, progress=None):
     """Loss (nats per token), accuracy and perplexity on inputs x and targets y (N, T); targets -100 skipped."""
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, correct, count, training = 0.0, 0, 0, model.training
+    model.eval()  # no dropout
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         with autocast(device):
@@ -557,6 +564,7 @@ def evaluate(model, x, y, batch_size, device, n_chars=None, progress=None):
         if progress:
             print(f"\r{progress} {min(i + batch_size, len(x)) / len(x):4.0%}", end="", flush=True)
     bpc = loss_sum / (n_chars * math.log(2)) if n_chars else None  # bits per character
+    model.train(training)
     return {"loss": loss_sum / count, "acc": correct / count, "ppl": math.exp(loss_sum / count), "bpc": bpc}
 
 def report(model, tok, data, context, batch_size, device):
@@ -668,11 +676,14 @@ def bench(cfg):
         train_step(model, fwd, optimizer, *get_batch(data, cfg.batch_size, cfg.context), cfg.lr, device)
     sync()
     train_tok_s = cfg.bench_steps * cfg.batch_size * cfg.context / (time.perf_counter() - t)
+    # model FLOPs per token, as in PaLM's appendix B: 6 per weight (2 forward, 4 backward) and attention's 12*T*dim
+    n_weights = sum(p.numel() for p in model.parameters() if p.dim() == 2) - model.tok_embeddings.weight.numel()
+    flops = 6 * n_weights + 12 * model.args.n_layers * cfg.context * model.args.dim
     print(f"train  {train_tok_s:10,.0f} tokens/s (batch {cfg.batch_size} x context {cfg.context}, "
-          f"{cfg.bench_steps} steps after {cfg.bench_warmup} of warm-up)")
+          f"{cfg.bench_steps} steps after {cfg.bench_warmup} of warm-up): {flops * train_tok_s / 1e12:.3g} TFLOP/s")
     # decoding: the same shape, with a context that holds the whole generation
     n = cfg.new_tokens
-    dec = Transformer(ModelArgs(**{**asdict(model.args), "max_seq_len": max(n + 1, cfg.context)})).to(device)
+    dec = Transformer(ModelArgs(**{**asdict(model.args), "max_seq_len": max(n + 1, cfg.context)})).eval().to(device)
     speed, outs = {}, {}
     for use_cache in (True, False, True, False):  # the best of two runs each: the first also warms up
         t = time.perf_counter()
@@ -683,7 +694,8 @@ def bench(cfg):
           f"({n} greedy tokens, batch 1): {speed[True] / speed[False]:.1f}x; "
           f"same tokens: {torch.equal(outs[True], outs[False])}")
     print(f"peak memory {peak_memory_mib(device):,.0f} MiB ({'GPU' if device.type == 'cuda' else 'resident'})")
-    return {"train_tok_s": train_tok_s, "decode_tok_s": speed[True], "recompute_tok_s": speed[False]}
+    return {"train_tok_s": train_tok_s, "train_flops": flops * train_tok_s, "decode_tok_s": speed[True],
+            "recompute_tok_s": speed[False]}
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -707,6 +719,7 @@ def build_parser():
         ("--lr", LEARNING_RATE, float, "peak learning rate", run), ("--warmup", WARMUP_STEPS, int, "warmup steps", run),
         ("--log-interval", LOG_INTERVAL, int, "steps per log line", run), ("--out", OUT_DIR, str, "output folder", run),
         ("--weight-decay", WEIGHT_DECAY, float, "AdamW's decoupled weight decay on the weight matrices", run),
+        ("--dropout", 0.0, float, "residual dropout while training (LLaMA uses none)", run),
         ("--save-every", 0, int, "also save the checkpoint every N steps (0: only at the end)", ("train",)),
         ("--new-tokens", 512, int, "tokens decoded", ("bench",)), ("--bench-steps", 50, int, "timed steps", ("bench",)),
         ("--bench-warmup", 10, int, "untimed training steps before them", ("bench",)),

@@ -178,6 +178,21 @@ def test_model_args_refuse_bad_shapes():
             L.ModelArgs(**kwargs)
 
 
+def test_dropout_acts_only_while_training():
+    torch.manual_seed(0)
+    args = dict(dim=16, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=50, max_seq_len=16, multiple_of=8)
+    m, plain = L.Transformer(L.ModelArgs(**args, dropout=0.5)), L.Transformer(L.ModelArgs(**args))
+    plain.load_state_dict(m.state_dict())
+    idx = torch.randint(50, (2, 10))
+    assert not torch.allclose(m(idx)[0], m(idx)[0]), "two training passes should drop different features"
+    m.eval(), plain.train()  # plain has dropout 0: training mode changes nothing there
+    assert torch.equal(m(idx)[0], m(idx)[0]) and torch.allclose(m(idx)[0], plain(idx)[0], atol=1e-6)
+    x, y = torch.randint(50, (4, 10)), torch.randint(50, (4, 10))
+    m.train()
+    L.evaluate(m, x, y, 2, torch.device("cpu"))
+    assert m.training, "evaluate turns dropout off for itself and restores the mode"
+
+
 def test_causality():
     m = tiny_model(n_kv_heads=2)
     idx = torch.randint(50, (2, 12))
@@ -457,7 +472,9 @@ def test_train_eval_sample_end_to_end(trained, small_text, capsys):
     if importlib.util.find_spec("matplotlib"):  # optional: the plot exists only where matplotlib does
         assert (trained / "loss.png").stat().st_size > 1000
     rows = (trained / "log.csv").read_text().splitlines()
-    assert rows[0].startswith("step,train_loss,val_loss") and len(rows) == 4, rows
+    assert rows[0].startswith("step,train_loss,val_loss,val_nats_per_char") and len(rows) == 4, rows
+    ratios = [float(r.split(",")[3]) / float(r.split(",")[2]) for r in rows[1:]]  # tokens per character
+    assert max(ratios) - min(ratios) < 1e-4 and 0.2 < ratios[0] < 1, rows
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 30 and ckpt["model_args"]["n_kv_heads"] == 2
     first_val, last_val = float(rows[1].split(",")[2]), float(rows[-1].split(",")[2])
@@ -477,7 +494,7 @@ def test_train_eval_sample_end_to_end(trained, small_text, capsys):
 
 def test_same_seed_same_losses(trained, small_text, tmp_path):
     assert L.main(["train", *TINY, "--data", small_text, "--out", tmp_path]) == 0
-    columns = lambda run: [row.split(",")[:4] for row in (run / "log.csv").read_text().splitlines()]
+    columns = lambda run: [row.split(",")[:5] for row in (run / "log.csv").read_text().splitlines()]
     assert columns(tmp_path) == columns(trained), "step, train loss, val loss and lr should repeat exactly"
     first = torch.load(trained / "ckpt.pt", weights_only=True)["model"]
     second = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
@@ -527,6 +544,7 @@ def test_user_errors_are_one_line(tmp_path, small_text, capsys):
                         (["train", "--dim", "24", "--heads", "8"], "odd"),
                         (["train", "--steps", "0"], "--steps must be at least 1"),
                         (["train", "--batch-size", "-1"], "--batch-size"), (["train", "--lr", "0"], "--lr"),
+                        (["train", "--dropout", "1"], "--dropout must be in [0, 1)"),
                         (["train", "--vocab-size", "20", "--data", small_text, "--out", tmp_path], "cannot make 20"),
                         (["train", "--data", tmp_path / "missing.txt"], "no data file")]:
         assert L.main(args) == 1, args
@@ -567,7 +585,7 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path, small_text):
     assert b["step"] == 300
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resuming at {stopped_at}"
-    last = lambda run: (tmp_path / run / "log.csv").read_text().splitlines()[-1].rsplit(",", 2)[0]
+    last = lambda run: (tmp_path / run / "log.csv").read_text().splitlines()[-1].rsplit(",", 3)[0]
     assert last("a") == last("b"), "the last log line (step, losses, lr) differs"
 
 
@@ -590,7 +608,7 @@ def test_bench_runs_on_a_tiny_setting(capsys):
                      "--context", "8", "--batch-size", "2", "--new-tokens", "20", "--bench-steps", "2",
                      "--bench-warmup", "1"])
     out = capsys.readouterr().out
-    assert result == 0 and "same tokens: True" in out and "tokens/s" in out, out
+    assert result == 0 and "same tokens: True" in out and "tokens/s" in out and "TFLOP/s" in out, out
 
 
 def test_help_lists_commands(capsys):
