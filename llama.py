@@ -17,7 +17,6 @@ llama/model.py (github.com/meta-llama/llama), whose parameter names this file us
 Zhang & Sennrich 2019 (RMSNorm), Shazeer 2020 (SwiGLU), Shazeer 2019 (multi-query attention).
 """
 import argparse
-import contextlib
 import hashlib
 import io
 import math
@@ -150,8 +149,7 @@ class Tokenizer:
 
 def get_tokenizer(train_text: str, vocab_size: int, out_dir) -> Tokenizer:
     """Train once per (text, vocab size) and reuse the saved model on later runs."""
-    key = hashlib.sha256(train_text.encode()).hexdigest()[:12]
-    path = Path(out_dir) / f"tokenizer-{vocab_size}-{key}.model"
+    path = Path(out_dir) / f"tokenizer-{vocab_size}-{hashlib.sha256(train_text.encode()).hexdigest()[:12]}.model"
     if path.exists():
         return Tokenizer(path.read_bytes())
     print(f"training a {vocab_size}-piece BPE tokenizer on {len(train_text):,} characters ...", flush=True)
@@ -241,8 +239,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # over the last dimension only: each token is scaled by its own RMS, never across the sequence.
-        # in float32, as Meta does (squares of bf16 numbers lose too much); F.rms_norm computes the same
+        # each token by its own RMS (last dimension only), in float32 as Meta does; F.rms_norm is the same
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -309,12 +306,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.dropout = args.dropout
+        self.dropout = args.dropout  # residual dropout while training: a regularizer for small data
 
     def forward(self, x, freqs_cis, start_pos=None):
-        p = self.dropout if self.training else 0.0  # residual dropout: a regularizer for small data
-        h = x + F.dropout(self.attention(self.attention_norm(x), freqs_cis, start_pos), p)
-        return h + F.dropout(self.feed_forward(self.ffn_norm(h)), p)
+        h = x + F.dropout(self.attention(self.attention_norm(x), freqs_cis, start_pos), self.dropout, self.training)
+        return h + F.dropout(self.feed_forward(self.ffn_norm(h)), self.dropout, self.training)
 
 class Transformer(nn.Module):
     """Token embeddings, n_layers blocks, a final RMSNorm, and a linear layer to the logits."""
@@ -338,8 +334,7 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab_size) for idx (B, T), and the mean cross-entropy if targets are given.
         start_pos=None: whole sequences, no cache (training, evaluation); an integer: idx continues
         the cached sequence at that position (decoding, after setup_cache)."""
-        B, T = idx.shape
-        p0 = start_pos or 0
+        (B, T), p0 = idx.shape, start_pos or 0
         if p0 + T > self.args.max_seq_len:
             raise ValueError(f"positions {p0}..{p0 + T - 1} exceed max_seq_len {self.args.max_seq_len}")
         cos, sin = self.freqs_cos[p0:p0 + T].float(), self.freqs_sin[p0:p0 + T].float()
@@ -414,17 +409,15 @@ def pick_device(name="auto"):
 
 def autocast(device):
     """bf16 autocast on CUDA (the weights and Adam's state stay float32); nothing elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 def model_args_from(cfg, vocab_size=None):
     """ModelArgs from command-line settings, refusing bad values before any work starts."""
     for name in ("steps", "batch_size", "context", "vocab_size", "log_interval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for bad, message in [(not cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
-                         (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")]:
-        if bad:
-            raise ValueError(message)
+    if not cfg.lr > 0 or not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--lr must be positive and --dropout in [0, 1), got {cfg.lr} and {cfg.dropout}")
     return ModelArgs(dim=cfg.dim, n_layers=cfg.layers, n_heads=cfg.heads, n_kv_heads=cfg.kv_heads,
                      vocab_size=vocab_size or cfg.vocab_size, max_seq_len=cfg.context, dropout=cfg.dropout)
 
@@ -464,8 +457,7 @@ def train_step(model, fwd, optimizer, x, y, lr, device):
 def train(cfg):
     """Train as cfg says, save cfg.out/ckpt.pt and evaluate it; returns the evaluation, or None if stopped."""
     model_args_from(cfg)
-    out, device = Path(cfg.out), pick_device(cfg.device)
-    ckpt_path = out / "ckpt.pt"
+    out, device, ckpt_path = Path(cfg.out), pick_device(cfg.device), Path(cfg.out) / "ckpt.pt"
     resume = load_checkpoint(ckpt_path) if cfg.resume else None
     if resume is not None:  # the run's own settings, so its schedule and batches continue exactly
         cfg = argparse.Namespace(**{**vars(cfg), **resume["config"]})
@@ -608,8 +600,7 @@ def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=N
     for i in range(num_samples):
         print(prompt, end="", flush=True)
         idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T0)
-        out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator=generator,
-                             on_token=show)
+        out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator=generator, on_token=show)
         texts.append(tok.decode(out[0].tolist()))
         print("\n" + "-" * 40 if i < num_samples - 1 else "")
     return texts
@@ -663,7 +654,7 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 def bench(cfg):
-    """Training tokens/s at cfg's settings; greedy decoding tokens/s with and without the KV cache."""
+    """Training tokens/s and model FLOP/s (as PaLM counts them); decoding tokens/s with and without the KV cache."""
     device = pick_device(cfg.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model, fwd, optimizer = build(cfg, cfg.vocab_size, device)
@@ -676,26 +667,22 @@ def bench(cfg):
         train_step(model, fwd, optimizer, *get_batch(data, cfg.batch_size, cfg.context), cfg.lr, device)
     sync()
     train_tok_s = cfg.bench_steps * cfg.batch_size * cfg.context / (time.perf_counter() - t)
-    # model FLOPs per token, as in PaLM's appendix B: 6 per weight (2 forward, 4 backward) and attention's 12*T*dim
     n_weights = sum(p.numel() for p in model.parameters() if p.dim() == 2) - model.tok_embeddings.weight.numel()
-    flops = 6 * n_weights + 12 * model.args.n_layers * cfg.context * model.args.dim
+    flops = 6 * n_weights + 12 * model.args.n_layers * cfg.context * model.args.dim  # per token: 2 + 4 per weight
     print(f"train  {train_tok_s:10,.0f} tokens/s (batch {cfg.batch_size} x context {cfg.context}, "
           f"{cfg.bench_steps} steps after {cfg.bench_warmup} of warm-up): {flops * train_tok_s / 1e12:.3g} TFLOP/s")
     # decoding: the same shape, with a context that holds the whole generation
-    n = cfg.new_tokens
+    speed, outs, n = {}, {}, cfg.new_tokens
     dec = Transformer(ModelArgs(**{**asdict(model.args), "max_seq_len": max(n + 1, cfg.context)})).eval().to(device)
-    speed, outs = {}, {}
     for use_cache in (True, False, True, False):  # the best of two runs each: the first also warms up
         t = time.perf_counter()
         outs[use_cache] = dec.generate(torch.zeros(1, 1, dtype=torch.long, device=device), n, 0, use_cache=use_cache)
         sync()
         speed[use_cache] = max(speed.get(use_cache, 0), n / (time.perf_counter() - t))
-    print(f"decode {speed[True]:10,.0f} tokens/s with the KV cache, {speed[False]:,.0f} recomputing "
-          f"({n} greedy tokens, batch 1): {speed[True] / speed[False]:.1f}x; "
-          f"same tokens: {torch.equal(outs[True], outs[False])}")
+    print(f"decode {speed[True]:10,.0f} tokens/s with the KV cache, {speed[False]:,.0f} recomputing ({n} greedy "
+          f"tokens, batch 1): {speed[True] / speed[False]:.1f}x; same tokens: {torch.equal(*outs.values())}")
     print(f"peak memory {peak_memory_mib(device):,.0f} MiB ({'GPU' if device.type == 'cuda' else 'resident'})")
-    return {"train_tok_s": train_tok_s, "train_flops": flops * train_tok_s, "decode_tok_s": speed[True],
-            "recompute_tok_s": speed[False]}
+    return {"train_tok_s": train_tok_s, "decode_tok_s": speed[True], "recompute_tok_s": speed[False]}
 
 # -----------------------------------------------------------------------------
 # Command line

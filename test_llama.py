@@ -544,7 +544,7 @@ def test_user_errors_are_one_line(tmp_path, small_text, capsys):
                         (["train", "--dim", "24", "--heads", "8"], "odd"),
                         (["train", "--steps", "0"], "--steps must be at least 1"),
                         (["train", "--batch-size", "-1"], "--batch-size"), (["train", "--lr", "0"], "--lr"),
-                        (["train", "--dropout", "1"], "--dropout must be in [0, 1)"),
+                        (["train", "--dropout", "1"], "--dropout in [0, 1)"),
                         (["train", "--vocab-size", "20", "--data", small_text, "--out", tmp_path], "cannot make 20"),
                         (["train", "--data", tmp_path / "missing.txt"], "no data file")]:
         assert L.main(args) == 1, args
