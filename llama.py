@@ -334,7 +334,7 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab_size) for idx (B, T), and the mean cross-entropy if targets are given.
         start_pos=None: whole sequences, no cache (training, evaluation); an integer: idx continues
         the cached sequence at that position (decoding, after setup_cache)."""
-        (B, T), p0 = idx.shape, start_pos or 0
+        T, p0 = idx.size(1), start_pos or 0  # idx: (B, T)
         if p0 + T > self.args.max_seq_len:
             raise ValueError(f"positions {p0}..{p0 + T - 1} exceed max_seq_len {self.args.max_seq_len}")
         cos, sin = self.freqs_cos[p0:p0 + T].float(), self.freqs_sin[p0:p0 + T].float()
