@@ -304,8 +304,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention_norm, self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps), RMSNorm(args.dim, eps=args.norm_eps)
         self.dropout = args.dropout  # residual dropout while training: a regularizer for small data
 
     def forward(self, x, freqs_cis, start_pos=None):
@@ -408,8 +407,9 @@ def pick_device(name="auto"):
     return torch.device(auto if name == "auto" else name)
 
 def autocast(device):
-    """bf16 autocast on CUDA (the weights and Adam's state stay float32); nothing elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 autocast on GPUs with bf16 arithmetic (compute capability 8.0 on; a T4 only emulates it), else off."""
+    bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)  # weights and Adam's state stay float32
 
 def model_args_from(cfg, vocab_size=None):
     """ModelArgs from command-line settings, refusing bad values before any work starts."""
