@@ -24,13 +24,13 @@ llama/model.py (github.com/meta-llama/llama), whose parameter names this file us
 """
 import argparse
 import dataclasses
+import errno
 import hashlib
 import io
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import urllib3
 
 # =============================================================================
 # Part I: the lesson. LLaMA and its training, in the order the data flows: hyperparameters,
@@ -455,9 +456,9 @@ class Transformer(nn.Module):
             elif cached == 0:  # the prompt, or a refill: all of the window at once
                 positions = torch.arange(window.size(1), device=idx.device)
                 logits = self(window, positions=positions)[0][:, -1]
-            else:  # one new token
+            else:  # the token sampled last, alone
                 position = torch.full((1,), window.size(1) - 1, device=idx.device)
-                logits = self.decode_step(window[:, -1:], position)
+                logits = self.decode_step(token, position)
             cached = window.size(1)
             token = sample_next(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
             window = torch.cat([window, token], dim=1)
@@ -720,29 +721,26 @@ def atomic_write(path, data):
         os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it; mkstemp makes it private
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        if not is_write_failure(e):
+        reason = no_room(e)
+        if reason is None:
             raise
         kept = f"the previous {path.name} was left as it was" if path.exists() else "nothing was written"
-        raise OSError(f"could not write {path}: {write_failure_reason(e, path)}; {kept}") from None
+        raise OSError(f"could not write {path}: {reason}; {kept}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
-def is_write_failure(e):
-    """A full disk or a file size limit, as Python reports it or as torch.save does."""
-    if isinstance(e, OSError):
-        return e.errno in (28, 27, 122)  # ENOSPC, EFBIG, EDQUOT
-    return "write" in str(e).lower()  # torch.save: "PytorchStreamWriter failed writing file ..."
-
-
-def write_failure_reason(e, path):
-    if isinstance(e, OSError) and e.errno == 27:
-        return "the file is over this process's size limit (see `ulimit -f`)"
-    if isinstance(e, OSError):
-        return f"the disk is full ({e.strerror}); free some space"
-    free = shutil.disk_usage(path.parent).free
-    return f"the disk is full, or the file over a size limit ({free / 2**20:,.0f} MiB free)"
+def no_room(e):
+    """Why there was no room to write, if that is what e (or the error behind it) says; else None.
+    torch.save reports a failed write as a RuntimeError raised while handling the OSError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            return "the file is over this process's size limit (`ulimit -f`)"
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"the disk is full ({e.strerror}): free some space"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def lock_folder(folder):
@@ -830,8 +828,9 @@ def download(url, path, sha256=None, max_bytes=64 * 2**20, timeout=30.0, deadlin
 
     try:
         atomic_write(path, receive)
-    except (requests.RequestException, OSError) as e:
-        raise OSError(f"could not download {url}: {e}; fetch it by hand: curl -L -o {path} {url}") from None
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+        why = e.args[0] if isinstance(e, urllib3.exceptions.HTTPError) and e.args else e  # no repr of a tuple
+        raise OSError(f"could not download {url}: {why}; fetch it by hand: curl -L -o {path} {url}") from None
     return path
 
 
@@ -961,14 +960,13 @@ def check_checkpoint(ckpt, for_resume):
     tok = Tokenizer(ckpt["tokenizer"])  # RuntimeError if the bytes are damaged
     if tok.vocab_size != args.vocab_size:
         raise ValueError(f"its tokenizer has {tok.vocab_size} pieces but its model {args.vocab_size}")
-    with torch.device("meta"):  # the names and shapes the weights must have, without allocating them
-        expected = Transformer(args).state_dict()
     weights = ckpt["model"]
-    if not isinstance(weights, dict) or weights.keys() != expected.keys():
-        raise ValueError(f"its weights do not fit its model_args {raw_args}")
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise ValueError("its weights are not a table of tensors")
+    misfit = weights_misfit(args, weights)
+    if misfit:
+        raise ValueError(f"its weights do not fit its model_args: {misfit}")
     for name, tensor in weights.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
-            raise ValueError(f"its weight {name} does not fit its model_args {raw_args}")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"its weight {name} holds NaN or infinite values (the run diverged)")
     if for_resume:
@@ -1001,6 +999,22 @@ def check_resume_state(ckpt):
         raise ValueError("its optimizer state is incomplete")
 
 
+def weights_misfit(args, weights):
+    """What keeps weights from loading into a model of shape args, in a few words; None if nothing."""
+    with torch.device("meta"):  # the names and shapes the weights must have, without allocating them
+        expected = Transformer(args).state_dict()
+    missing = sorted(expected.keys() - weights.keys())
+    if missing:
+        return f"{missing[0]} is missing" + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+    extra = sorted(weights.keys() - expected.keys())
+    if extra:
+        return f"{extra[0]} is not a weight of this model"
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            return f"{name} is {tuple(tensor.shape)}, where the model has {tuple(expected[name].shape)}"
+    return None
+
+
 def load_model(path, device, dtype=None, context=None):
     """The model (in eval mode) and tokenizer of a checkpoint: a file of ours, or a folder in Meta's
     layout. context overrides the context length (a Meta folder has none; 2048 then)."""
@@ -1023,13 +1037,13 @@ def build_model(args, weights, device, dtype=None):
     dtype None: the checkpoint's own dtype on a GPU, float32 elsewhere."""
     if dtype is None:
         dtype = next(iter(weights.values())).dtype if device.type == "cuda" else torch.float32
+    misfit = weights_misfit(args, weights)
+    if misfit:
+        raise ValueError(f"the weights do not fit the model's settings: {misfit}")
     weights = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
     with torch.device("meta"):
         model = Transformer(args)
-    try:
-        model.load_state_dict(weights, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"the weights do not fit the model's shape {asdict(args)}: {str(e)[:300]}") from None
+    model.load_state_dict(weights, assign=True)
     # the rotary table is not a weight: compute it for real (it was built on the meta device)
     model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta).to(device)
     return model.eval()
@@ -1081,7 +1095,7 @@ class Run:
 
     LOG_HEADER = "step,train_loss,val_loss,val_nats_per_char,lr,tokens_per_s,peak_mib,seconds"
 
-    def __init__(self, cfg, checkpoint=None, overwrite=False, data_sha256=None):
+    def __init__(self, cfg, checkpoint=None, overwrite=False, data_sha256=None, lock=None):
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "ckpt.pt"
@@ -1099,7 +1113,7 @@ class Run:
         self.stop_requested = False
         self.signal_number = None
         self.saved_step = None
-        self.lock = None
+        self.lock = lock  # the folder's lock, if the caller took it already
         self.real_stdout = None
         self.old_handlers = {}
 
@@ -1109,7 +1123,7 @@ class Run:
                 backend = "nccl" if self.device.type == "cuda" else "gloo"
                 dist.init_process_group(backend, device_id=self.device if backend == "nccl" else None)
             if self.is_main:
-                self.lock = lock_folder(self.out)
+                self.lock = self.lock or lock_folder(self.out)
                 remove_temp_files(self.out)
                 if self.checkpoint is None and self.ckpt_path.exists() and not self.overwrite:
                     raise ValueError(f"{self.ckpt_path} already holds a run: continue it with --resume (and "
@@ -1118,8 +1132,6 @@ class Run:
             else:  # only rank 0 prints
                 self.real_stdout = sys.stdout
                 sys.stdout = open(os.devnull, "w")
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.old_handlers[signum] = signal.signal(signum, self.on_signal)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -1163,6 +1175,9 @@ class Run:
                                  f"damaged ({str(e)[:200]})") from None
             step = self.checkpoint["step"]
             print(f"resuming {self.ckpt_path} at step {step}")
+        # from here on, Ctrl-C and SIGTERM stop the run after the step in progress, and it saves
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.old_handlers[signum] = signal.signal(signum, self.on_signal)
         n_params = sum(p.numel() for p in model.parameters())
         split = f" | {self.world_size} processes, {self.cfg.batch_size // self.world_size} sequences each" \
             if self.world_size > 1 else ""
@@ -1256,8 +1271,21 @@ class Run:
             return
         total = time.time() - self.started
         print(f"saved {self.ckpt_path} | {total:.0f}s | peak memory {peak_memory_mib(self.device):,.0f} MiB")
+        if self.world_size > 1:
+            self.compare_processes()
         if self.is_main:
             plot_log(self.out)
+
+    def compare_processes(self):
+        """Every process must end with the same weights: compare a fingerprint of them."""
+        fingerprint = torch.stack([torch.stack([p.double().sum(), p.double().norm()])
+                                   for p in self.model.parameters()])
+        fingerprints = [torch.zeros_like(fingerprint) for _ in range(self.world_size)]
+        dist.all_gather(fingerprints, fingerprint)
+        if all(torch.equal(f, fingerprints[0]) for f in fingerprints):
+            print(f"weights identical on all {self.world_size} processes")
+        else:
+            print(f"warning: the weights differ between the {self.world_size} processes", file=sys.stderr)
 
 
 def plot_log(out):
@@ -1695,17 +1723,22 @@ def command_train(args, given):
     check_at_least(args, "save_every", 0)
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    # rank 0 holds the folder from here on, so that no other run changes it while this one reads it
+    lock = lock_folder(Path(cfg.out)) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
         if args.resume:
             cfg, checkpoint, data_sha256 = resume_config(cfg, given)
         else:
             checkpoint = None
             data_sha256 = hashlib.sha256(get_text(cfg.data).encode()).hexdigest()
-        run = Run(cfg, checkpoint, overwrite=args.overwrite, data_sha256=data_sha256)
+        run = Run(cfg, checkpoint, overwrite=args.overwrite, data_sha256=data_sha256, lock=lock)
         check_memory(cfg, run.device)
-        result = train(cfg, run)
+        result = train(cfg, run)  # releases the lock when it ends
     except KeyboardInterrupt:
         raise Interrupted("interrupted before training began: nothing was saved") from None
+    finally:
+        if lock is not None:
+            lock.close()
     if result is None:
         return 130  # stopped by a signal, checkpoint saved
     if run.is_main:
