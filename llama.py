@@ -28,6 +28,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +36,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -290,12 +292,11 @@ def precompute_freqs_cis(head_dim, max_seq_len, theta=10000.0):
 
 def apply_rotary_emb(x, freqs_cis):
     """Rotate each feature pair (x[2j], x[2j+1]) of x (B, T, heads, head_dim) by its position's angle,
-    as a complex product (Meta's convention); freqs_cis holds one unit complex number per position
-    and pair, (T, head_dim/2). A rotated query and key have a dot product that depends only on
-    how far apart they are."""
+    as a complex product (Meta's convention). freqs_cis (T, 1, head_dim/2) holds a unit complex
+    number per position and pair, the same for every head. A rotated query and key have a dot
+    product that depends only on how far apart they are."""
     x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, head_dim/2)
-    rotated = x_complex * freqs_cis[:, None, :]  # the same rotation for every head
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, T, heads, head_dim)
+    return torch.view_as_real(x_complex * freqs_cis).flatten(-2).type_as(x)  # (B, T, heads, head_dim)
 
 
 class Attention(nn.Module):
@@ -316,28 +317,24 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
 
-    def forward(self, x, freqs_cis, positions=None):
+    def forward(self, x, freqs_cis, positions=None, mask=None):
         """x (B, T, dim). positions None: x is a whole sequence (training, evaluation). Otherwise a
         tensor (T,) of the positions that x's tokens take in a sequence being generated: their keys
-        and values go into the cache, and the queries attend to everything cached up to them."""
+        and values go into the cache, and the queries attend to the cache through mask."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         q = apply_rotary_emb(q, freqs_cis)
         k = apply_rotary_emb(k, freqs_cis)
-        mask = None
         if positions is not None:
             # store the new keys and values at their positions in the preallocated cache
             self.cache_k.index_copy_(1, positions, k)
             self.cache_v.index_copy_(1, positions, v)
-            # and read the whole cache back: the same shapes at every step, whatever the position,
-            # so that one compiled graph serves every step
+            # and read the whole cache back, the slots not yet written hidden by the mask: the same
+            # shapes at every step, whatever the position, so one compiled graph serves every step
             k = self.cache_k  # (B, max_seq_len, n_kv_heads, head_dim)
             v = self.cache_v
-            # query i sees cache slot j if j <= positions[i]: slots not yet written stay hidden
-            slots = torch.arange(k.size(1), device=x.device)
-            mask = positions[:, None] >= slots  # (T, max_seq_len)
         q = q.transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = k.transpose(1, 2)  # (B, n_kv_heads, T or max_seq_len, head_dim)
         v = v.transpose(1, 2)
@@ -374,8 +371,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.dropout = args.dropout  # residual dropout while training, a regularizer for small data
 
-    def forward(self, x, freqs_cis, positions=None):
-        attended = self.attention(self.attention_norm(x), freqs_cis, positions)
+    def forward(self, x, freqs_cis, positions=None, mask=None):
+        attended = self.attention(self.attention_norm(x), freqs_cis, positions, mask)
         h = x + F.dropout(attended, self.dropout, self.training)
         fed_forward = self.feed_forward(self.ffn_norm(h))
         return h + F.dropout(fed_forward, self.dropout, self.training)
@@ -394,7 +391,7 @@ class Transformer(nn.Module):
         # not persistent: it follows from args, so checkpoints leave it out (as Meta's do). Complex:
         # model.to(device) moves it, but never cast the model to another dtype with .to(dtype)
         freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("freqs_cis", freqs_cis, persistent=False)
+        self.register_buffer("freqs_cis", freqs_cis[:, None, :], persistent=False)  # (T, 1, head_dim/2)
         # GPT-2's init: small normal weights, and the two layers that write into the residual
         # stream scaled down with depth
         for name, p in self.named_parameters():
@@ -409,10 +406,19 @@ class Transformer(nn.Module):
         (training, evaluation). A tensor (T,): idx continues the cached sequence at those positions
         (generation, after setup_cache)."""
         T = idx.size(1)
-        freqs_cis = self.freqs_cis[:T] if positions is None else self.freqs_cis[positions]
+        if positions is None:
+            freqs_cis = self.freqs_cis[:T]
+            mask = None  # causal attention within idx
+        else:
+            freqs_cis = self.freqs_cis[positions]
+            # the query at positions[i] sees the cache slots up to it: 0 added to their scores, and
+            # -inf to the others, later ones and the ones not yet written
+            slots = torch.arange(self.args.max_seq_len, device=idx.device)
+            mask = torch.zeros(T, self.args.max_seq_len, device=idx.device)
+            mask = mask.masked_fill(slots > positions[:, None], float("-inf"))  # (T, max_seq_len)
         h = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, freqs_cis, positions)
+            h = layer(h, freqs_cis, positions, mask)
         logits = self.output(self.norm(h)).float()  # (B, T, vocab_size); the softmax is in the loss
         loss = None
         if targets is not None:
@@ -1045,7 +1051,8 @@ def build_model(args, weights, device, dtype=None):
         model = Transformer(args)
     model.load_state_dict(weights, assign=True)
     # the rotary table is not a weight: compute it for real (it was built on the meta device)
-    model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta).to(device)
+    freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta)
+    model.freqs_cis = freqs_cis[:, None, :].to(device)
     return model.eval()
 
 
@@ -1196,7 +1203,7 @@ class Run:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if self.cfg.compile:
-            model = torch.compile(model)
+            model = compile_training(model, self.optimizer)
         return model
 
     def share(self, batch):
@@ -1313,10 +1320,33 @@ def plot_log(out):
 
 
 def compile_decoding(model):
-    """Replace model.decode_step by its compiled form: one graph for every position."""
-    mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
-    model.decode_step = torch.compile(model.decode_step, fullgraph=True, mode=mode)
+    """Replace model.decode_step by its compiled form: one graph for every position. On the CPU the
+    graph is called through generated C++ (cpp_wrapper), skipping most of Python's cost per call."""
+    quiet_compiler()
+    if model.output.weight.device.type == "cuda":
+        model.decode_step = torch.compile(model.decode_step, fullgraph=True, mode="reduce-overhead")
+    else:
+        model.decode_step = torch.compile(model.decode_step, fullgraph=True, options={"cpp_wrapper": True})
     return model
+
+
+def compile_training(model, optimizer):
+    """The model compiled for training (its forward and backward passes, fused); on the CPU, also
+    AdamW's step, whose many small per-parameter operations otherwise run one at a time (on CUDA it
+    is one fused kernel already)."""
+    quiet_compiler()
+    if next(model.parameters()).device.type == "cuda":
+        return torch.compile(model)
+    optimizer.step = torch.compile(optimizer.step, options={"cpp_wrapper": True})
+    return torch.compile(model, options={"cpp_wrapper": True})
+
+
+def quiet_compiler():
+    """Silence what torch.compile says about this model that need not worry a user: the complex
+    numbers of the rotary embeddings run outside its generated code, and the optimizer's profiler
+    marks are dropped."""
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    logging.getLogger("torch._dynamo.variables.ctx_manager").setLevel(logging.ERROR)
 
 
 def count_parameters(args):
@@ -1336,7 +1366,7 @@ def time_training(cfg, device, steps, warmup, compiled):
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model_args(cfg.vocab_size)).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    trained = torch.compile(model) if compiled else model
+    trained = compile_training(model, optimizer) if compiled else model
     data = torch.randint(cfg.vocab_size, (max(100_000, 2 * cfg.context + 1),))  # speed ignores the text
     started = time.perf_counter()
     for i in range(1 + warmup + steps):

@@ -104,6 +104,7 @@ def test_shapes_of_every_component():
     x = torch.randn(B, T, a.dim)
     freqs_cis = L.precompute_freqs_cis(a.head_dim, T)
     assert freqs_cis.shape == (T, a.head_dim // 2) and freqs_cis.is_complex()
+    freqs_cis = freqs_cis[:, None, :]  # (T, 1, head_dim/2): the same for every head
     assert L.RMSNorm(a.dim)(x).shape == (B, T, a.dim)
     assert L.apply_rotary_emb(torch.randn(B, T, 4, a.head_dim), freqs_cis).shape == (B, T, 4, a.head_dim)
     assert m.layers[0].attention(x, freqs_cis).shape == (B, T, a.dim)
@@ -163,7 +164,7 @@ def test_rotary_matches_complex_reference():
     torch.manual_seed(0)
     B, T, H, hd, theta = 2, 6, 3, 8, 10000.0
     x = torch.randn(B, T, H, hd)
-    out = L.apply_rotary_emb(x, L.precompute_freqs_cis(hd, T, theta))
+    out = L.apply_rotary_emb(x, L.precompute_freqs_cis(hd, T, theta)[:, None])
     expected = torch.empty_like(x)
     for b in range(B):
         for t in range(T):
@@ -179,7 +180,7 @@ def test_rotary_matches_complex_reference():
 def test_rotary_dot_product_depends_only_on_offset():
     torch.manual_seed(0)
     hd, T = 16, 32
-    freqs_cis = L.precompute_freqs_cis(hd, T)
+    freqs_cis = L.precompute_freqs_cis(hd, T)[:, None]
     q, k = torch.randn(hd), torch.randn(hd)
     rq = L.apply_rotary_emb(q.expand(1, T, 1, hd), freqs_cis)[0, :, 0]  # (T, hd): q at every position
     rk = L.apply_rotary_emb(k.expand(1, T, 1, hd), freqs_cis)[0, :, 0]
@@ -206,7 +207,7 @@ def reference_attention(attn, x, freqs_cis):
 def test_attention_matches_reference(n_kv_heads):
     m = tiny_model(n_heads=4, n_kv_heads=n_kv_heads, dim=32)
     x = torch.randn(2, 9, 32)
-    freqs_cis = L.precompute_freqs_cis(8, 9)
+    freqs_cis = L.precompute_freqs_cis(8, 9)[:, None]
     attn = m.layers[0].attention
     got = attn(x, freqs_cis)
     expected = reference_attention(attn, x, freqs_cis)
