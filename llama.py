@@ -1,13 +1,15 @@
 """
 llama.py: a LLaMA language model written from scratch and trained on Tiny Shakespeare, in one file.
 
-    python llama.py train            download the data, train a tokenizer and the model, evaluate it
-    python llama.py sample           generate text from out/ckpt.pt, printed as it is produced
-    python llama.py eval             loss, accuracy, perplexity and bits per character on val and test
-    python llama.py bench            training and decoding speed (KV cache, recomputation, compiled)
-    python llama.py export           write a checkpoint in Meta's layout (params.json, consolidated.00.pth)
-    python llama.py CMD --help       every flag of a command; in a notebook: main(["train", "--steps", "200"])
-    torchrun --standalone --nproc_per_node=2 llama.py train      the same training, data parallel
+    python llama.py train       download the data, train a tokenizer and the model, evaluate it
+    python llama.py sample      generate text from out/ckpt.pt, printed as it is produced
+    python llama.py eval        loss, accuracy, perplexity and bits per character on val and test
+    python llama.py bench       training and decoding speed: KV cache, recomputation, compiled
+    python llama.py export      a checkpoint in Meta's layout (params.json, consolidated.00.pth)
+    python llama.py CMD --help  every flag of a command
+    torchrun --standalone --nproc_per_node=2 llama.py train     the same training, data parallel
+
+In a notebook, paste the file into a cell, then call main(["train", "--steps", "200"]).
 
 What LLaMA changes relative to GPT-2: RMSNorm instead of LayerNorm, before each sub-layer; rotary
 positional embeddings (RoPE) instead of a learned position table; a SwiGLU feed-forward instead of
@@ -16,11 +18,12 @@ a GELU MLP; no biases; and, from LLaMA 2 on, key/value heads shared by groups of
 
 The file has two parts. Part I is the lesson: the model and its training, top to bottom, in the
 order the data flows. Part II is the tool around it: safe files, checkpoints, resuming, logs,
-bench, Meta's checkpoint layout, several processes, and the command line.
+compiled decoding and bench, Meta's checkpoint layout, several processes, the command line.
 
-References: Touvron et al. 2023, "LLaMA" (arXiv:2302.13971) and "Llama 2" (arXiv:2307.09288); Meta's
-llama/model.py (github.com/meta-llama/llama), whose parameter names this file uses; Su et al. 2021
-(RoPE), Zhang & Sennrich 2019 (RMSNorm), Shazeer 2020 (SwiGLU), Shazeer 2019 (multi-query attention).
+References: Touvron et al. 2023, "LLaMA" (arXiv:2302.13971) and "Llama 2" (arXiv:2307.09288);
+Meta's llama/model.py (github.com/meta-llama/llama), whose parameter names this file uses;
+Su et al. 2021 (RoPE); Zhang & Sennrich 2019 (RMSNorm); Shazeer 2020 (SwiGLU); Shazeer 2019
+(multi-query attention); Ainslie et al. 2023 (grouped-query attention).
 """
 import argparse
 import dataclasses
@@ -55,20 +58,20 @@ import urllib3
 
 # -----------------------------------------------------------------------------
 # Hyperparameters
-# The documented ones keep their documented names. A command-line flag overrides each one for a
-# single run (`python llama.py train --help`); the constants themselves never change.
+# The documented ones keep their documented names. A command-line flag of the same name
+# overrides each for one run (`python llama.py train --help`); the constants never change.
 
-VOCAB_SIZE = 130  # pieces in the SentencePiece vocabulary (flag --vocab-size)
+VOCAB_SIZE = 130  # pieces in the SentencePiece vocabulary (--vocab-size)
 BATCH_SIZE = 32  # sequences per optimizer step (--batch-size)
 CONTEXT_WINDOW = 16  # tokens per training sequence: the longest context the model sees (--context)
-# EPOCHS is the documented name, but it counts optimizer steps, each on one random batch, not
+# EPOCHS keeps its documented name, but it counts optimizer steps, each on one random batch, not
 # passes over the data (--steps). 1000 steps of 32 x 16 tokens see about the training split once.
 EPOCHS = 1000
 DIM = 128  # width of the residual stream: features per token (--dim)
 LOG_INTERVAL = 10  # optimizer steps between log lines, each with a validation loss (--log-interval)
 HEADS = 8  # query heads per attention layer (--heads)
 LAYERS = 4  # transformer blocks (--layers)
-KV_HEADS = 1  # key/value heads: 1 is multi-query, HEADS is multi-head, in between grouped-query
+KV_HEADS = 1  # key/value heads: 1 is multi-query, HEADS multi-head, in between grouped-query
 LEARNING_RATE = 1e-3  # peak AdamW learning rate, reached at the end of warmup (--lr)
 WARMUP_STEPS = 50  # optimizer steps of linear warmup from 0 to LEARNING_RATE (--warmup)
 MIN_LR_FRACTION = 0.1  # the cosine decay ends at this fraction of LEARNING_RATE
@@ -81,13 +84,14 @@ OUT_DIR = "out"  # checkpoint, tokenizer cache and log go here (--out)
 # beside llama.py; pasted into a notebook cell (no __file__), in the working folder
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 DATA_PATH = HERE / "input.txt"
-DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATA_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+            "tinyshakespeare/input.txt")
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATA_BYTES = 1_115_394
 
 # what the original notebook's README reported, printed beside our numbers
-ORIGINAL = {"val": {"loss": 4.469, "acc": 0.0559, "ppl": 87.3}, "test": {"acc": 0.0562, "ppl": 87.7}}
-ORIGINAL_NAMES = {"loss": "loss", "acc": "accuracy", "ppl": "perplexity"}
+ORIGINAL = {"val": {"loss": 4.469, "accuracy": 0.0559, "perplexity": 87.3},
+            "test": {"accuracy": 0.0562, "perplexity": 87.7}}
 
 # -----------------------------------------------------------------------------
 # Download
@@ -96,18 +100,18 @@ ORIGINAL_NAMES = {"loss": "loss", "acc": "accuracy", "ppl": "perplexity"}
 
 
 def get_text(path=None):
-    """The text to train on, as one string: the file at path, or Tiny Shakespeare if path is None."""
+    """The text to learn from, as one string: the file at path, or Tiny Shakespeare if None."""
     if path is None:
         path = DATA_PATH
         fetch_tiny_shakespeare(path)  # Part II: downloads it once; refuses a damaged copy
-    return read_text(path)  # Part II: one clear line if the file is missing, empty or not UTF-8
+    return read_text(path)  # Part II: one clear line if it is missing, empty or not UTF-8
 
 
 # -----------------------------------------------------------------------------
 # Tokenizer
-# SentencePiece BPE with VOCAB_SIZE pieces, trained on the training split only. Its default
-# normalization is off (it would drop newlines and merge runs of spaces) and "\n" is a piece of its
-# own, so that decode(encode(text)) == text.
+# SentencePiece BPE with VOCAB_SIZE pieces, trained on the training split only. Its normalization
+# is off (it would drop newlines and merge runs of spaces) and "\n" is a piece of its own, so
+# that decode(encode(text)) == text.
 
 
 class Tokenizer:
@@ -135,7 +139,7 @@ class Tokenizer:
         return len(self.sp.id_to_piece(i))  # "▁" is SentencePiece's visible space
 
     def unknown_chars(self, text: str) -> str:
-        """The characters of text that the tokenizer cannot represent (they would decode as ⁇)."""
+        """The characters of text that this tokenizer cannot represent (they decode as ⁇)."""
         unknown = [c for c in set(text) if self.sp.unk_id() in self.sp.encode(c)]
         return "".join(sorted(unknown))
 
@@ -155,20 +159,21 @@ class Tokenizer:
                 remove_extra_whitespaces=False,  # runs of spaces stay
                 allow_whitespace_only_pieces=True,
                 user_defined_symbols=["\n"],
-                # SentencePiece skips lines longer than this (4192 bytes by default): keep them all
+                # SentencePiece skips lines longer than this (4192 bytes by default): keep them
                 max_sentence_length=max([4192] + [len(line.encode()) + 1 for line in lines]),
-                bos_id=-1,  # no beginning- or end-of-sequence pieces: this model never uses them
+                bos_id=-1,  # no beginning- or end-of-sequence pieces: this model uses neither
                 eos_id=-1,
                 num_threads=1,  # the same pieces on every run
                 minloglevel=2,
             )
         except RuntimeError as e:
-            raise ValueError(tokenizer_error(e, vocab_size, len(text))) from None  # Part II: what to change
+            # Part II turns SentencePiece's message into what to change
+            raise ValueError(tokenizer_error(e, vocab_size, len(text))) from None
         return Tokenizer(model.getvalue())
 
 
 def get_tokenizer(train_text: str, vocab_size: int, cache_dir=None) -> Tokenizer:
-    """Train a tokenizer once per (text, vocab size), and reuse the one saved in cache_dir after that."""
+    """Train a tokenizer once per (text, vocab size); later runs reuse the one in cache_dir."""
     text_hash = hashlib.sha256(train_text.encode()).hexdigest()[:12]
     path = Path(cache_dir or ".") / f"tokenizer-{vocab_size}-{text_hash}.model"
     if cache_dir is not None and path.exists():
@@ -176,7 +181,8 @@ def get_tokenizer(train_text: str, vocab_size: int, cache_dir=None) -> Tokenizer
             return Tokenizer(path.read_bytes())
         except RuntimeError:  # a damaged file: train it again below
             print(f"{path} is damaged; training the tokenizer again", file=sys.stderr)
-    print(f"training a {vocab_size}-piece BPE tokenizer on {len(train_text):,} characters ...", flush=True)
+    print(f"training a {vocab_size}-piece BPE tokenizer on {len(train_text):,} characters ...",
+          flush=True)
     tok = Tokenizer.train(train_text, vocab_size)
     if cache_dir is not None:
         atomic_write(path, tok.model_proto)  # Part II: a temporary file, renamed when complete
@@ -185,12 +191,12 @@ def get_tokenizer(train_text: str, vocab_size: int, cache_dir=None) -> Tokenizer
 
 # -----------------------------------------------------------------------------
 # Data
-# Three contiguous parts, 70% train, 15% validation, 15% test, as the original notebook did. A batch
-# is BATCH_SIZE random windows of CONTEXT_WINDOW tokens; its targets are the windows shifted by one.
+# Three contiguous parts, 70% train, 15% validation, 15% test, as the original notebook did. A
+# batch is BATCH_SIZE random windows of CONTEXT_WINDOW tokens; its targets are shifted by one.
 
 
 def split_text(text: str) -> dict:
-    """Cut at the 70% and 85% marks, by characters, so that the tokenizer can learn from train only."""
+    """Cut at the 70% and 85% marks, by characters, so the tokenizer can learn from train only."""
     train_end = int(0.7 * len(text))
     val_end = int(0.85 * len(text))
     return {"train": text[:train_end], "val": text[train_end:val_end], "test": text[val_end:]}
@@ -198,18 +204,19 @@ def split_text(text: str) -> dict:
 
 def encode_splits(text: str, tok: Tokenizer) -> dict:
     """The token ids of each split, as a 1-D tensor."""
-    return {name: torch.tensor(tok.encode(part), dtype=torch.long) for name, part in split_text(text).items()}
+    splits = split_text(text)
+    return {name: torch.tensor(tok.encode(part), dtype=torch.long) for name, part in splits.items()}
 
 
 def get_batch(data, batch_size, context, generator=None):
-    """batch_size random windows of one split: inputs (B, T) and targets (B, T), shifted by one token."""
+    """batch_size random windows of one split: inputs (B, T) and targets (B, T), one token later."""
     starts = torch.randint(len(data) - context, (batch_size,), generator=generator)  # (B,)
     rows = data[starts[:, None] + torch.arange(context + 1)]  # (B, T + 1)
     return rows[:, :-1], rows[:, 1:]
 
 
 def windows(data, context):
-    """Every token of a split but the first as a target, once: consecutive windows, the last one padded."""
+    """Every token of a split but the first as a target, once: consecutive windows, the last padded."""
     pad = -(len(data) - 1) % context  # to a whole number of windows
     x = F.pad(data[:-1], (0, pad))
     y = F.pad(data[1:], (0, pad), value=-100)  # cross_entropy skips targets of -100
@@ -219,8 +226,8 @@ def windows(data, context):
 # -----------------------------------------------------------------------------
 # Model
 # Smallest part first, in forward-pass order: RMSNorm, rotary embeddings, attention with its KV
-# cache, the SwiGLU feed-forward, the block, the whole model and its generate(). No class reads the
-# module's constants: ModelArgs brings everything, so a test can build a tiny model in one line.
+# cache, the SwiGLU feed-forward, the block, the whole model and its generate(). No class reads
+# the constants above: ModelArgs brings everything, so a test builds a tiny model in one line.
 
 
 @dataclass
@@ -237,23 +244,24 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = CONTEXT_WINDOW
-    dropout: float = 0.0  # not Meta's: LLaMA trains on far more text than this and drops nothing
+    dropout: float = 0.0  # not Meta's: LLaMA trains on far more text than this, and drops nothing
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                     "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}: "
                              f"change --dim or --heads")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}: "
-                             f"change --heads or --kv-heads")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"the head size dim / n_heads = {self.dim} / {self.n_heads} is odd, and rotary "
-                             f"embeddings rotate pairs of features: change --dim or --heads")
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads "
+                             f"{self.n_kv_heads}: change --heads or --kv-heads")
+        if self.head_dim % 2:
+            raise ValueError(f"the head size dim / n_heads = {self.dim} / {self.n_heads} is odd, "
+                             f"and rotary embeddings turn pairs of features: change --dim or --heads")
 
     @property
     def head_dim(self):
@@ -261,7 +269,7 @@ class ModelArgs:
 
     @property
     def hidden_dim(self):
-        """LLaMA's feed-forward width: 2/3 of 4 * dim (SwiGLU has three matrices, not two), rounded up."""
+        """LLaMA's feed-forward width: 2/3 of 4 * dim (SwiGLU has three matrices), rounded up."""
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -269,7 +277,7 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over each token's features: no mean subtracted, no bias."""
+    """x / sqrt(mean(x^2) + eps) * weight over each token's features: no mean, no bias."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -284,24 +292,26 @@ class RMSNorm(nn.Module):
 
 
 def precompute_freqs_cis(head_dim, max_seq_len, theta=10000.0):
-    """e^(i * pos * theta^(-2j / head_dim)) for each position and feature pair j: (max_seq_len, head_dim/2)."""
+    """e^(i * pos * theta^(-2j / head_dim)) for each position pos and feature pair j:
+    (max_seq_len, head_dim/2), complex. Pair j turns by a smaller angle per position than j-1."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (head_dim/2,)
     angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # (max_seq_len, head_dim/2)
     return torch.polar(torch.ones_like(angles), angles)  # complex64, magnitude 1
 
 
 def apply_rotary_emb(x, freqs_cis):
-    """Rotate each feature pair (x[2j], x[2j+1]) of x (B, T, heads, head_dim) by its position's angle,
-    as a complex product (Meta's convention). freqs_cis (T, 1, head_dim/2) holds a unit complex
-    number per position and pair, the same for every head. A rotated query and key have a dot
-    product that depends only on how far apart they are."""
-    x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, head_dim/2)
-    return torch.view_as_real(x_complex * freqs_cis).flatten(-2).type_as(x)  # (B, T, heads, head_dim)
+    """Rotate each feature pair (x[2j], x[2j+1]) of x (B, T, heads, head_dim) by its position's
+    angle, as a complex product (Meta's convention). freqs_cis (T, 1, head_dim/2) holds the unit
+    complex numbers, the same for every head. A rotated query and key have a dot product that
+    depends only on how far apart they are."""
+    x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, hd/2)
+    rotated = torch.view_as_real(x_complex * freqs_cis)  # (B, T, heads, head_dim/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, T, heads, head_dim)
 
 
 class Attention(nn.Module):
     """Causal self-attention; groups of query heads share each of the n_kv_heads key/value heads.
-    n_kv_heads == n_heads is multi-head attention, 1 is multi-query, anything between grouped-query."""
+    n_kv_heads == n_heads is multi-head attention, 1 multi-query, anything between grouped-query."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -312,15 +322,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        # the KV cache, (B, max_seq_len, n_kv_heads, head_dim) each, allocated by setup_cache;
+        # the KV cache, (B, max_seq_len, n_kv_heads, head_dim) each, allocated by setup_cache:
         # buffers, so that .to(device) moves them, but not saved in checkpoints
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
 
     def forward(self, x, freqs_cis, positions=None, mask=None):
-        """x (B, T, dim). positions None: x is a whole sequence (training, evaluation). Otherwise a
-        tensor (T,) of the positions that x's tokens take in a sequence being generated: their keys
-        and values go into the cache, and the queries attend to the cache through mask."""
+        """x (B, T, dim). positions None: x is a whole sequence (training, evaluation). Else a
+        tensor (T,) of the positions x's tokens take in a sequence being generated: their keys
+        and values go into the cache, and the queries read the cache through mask."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
@@ -331,8 +341,8 @@ class Attention(nn.Module):
             # store the new keys and values at their positions in the preallocated cache
             self.cache_k.index_copy_(1, positions, k)
             self.cache_v.index_copy_(1, positions, v)
-            # and read the whole cache back, the slots not yet written hidden by the mask: the same
-            # shapes at every step, whatever the position, so one compiled graph serves every step
+            # then read all of it, the slots not yet written hidden by the mask: the same shapes
+            # at every step, whatever the position, so that one compiled graph serves them all
             k = self.cache_k  # (B, max_seq_len, n_kv_heads, head_dim)
             v = self.cache_v
         q = q.transpose(1, 2)  # (B, n_heads, T, head_dim)
@@ -369,7 +379,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.dropout = args.dropout  # residual dropout while training, a regularizer for small data
+        self.dropout = args.dropout  # residual dropout while training, against overfitting
 
     def forward(self, x, freqs_cis, positions=None, mask=None):
         attended = self.attention(self.attention_norm(x), freqs_cis, positions, mask)
@@ -388,11 +398,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # not persistent: it follows from args, so checkpoints leave it out (as Meta's do). Complex:
-        # model.to(device) moves it, but never cast the model to another dtype with .to(dtype)
+        # not persistent: it follows from args, so checkpoints leave it out, as Meta's do. It is
+        # complex: model.to(device) moves it, but model.to(dtype) would break it (Part II never)
         freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("freqs_cis", freqs_cis[:, None, :], persistent=False)  # (T, 1, head_dim/2)
-        # GPT-2's init: small normal weights, and the two layers that write into the residual
+        self.register_buffer("freqs_cis", freqs_cis[:, None, :], persistent=False)  # (T, 1, hd/2)
+        # GPT-2's init: small normal weights, the two layers that write into the residual
         # stream scaled down with depth
         for name, p in self.named_parameters():
             if p.dim() == 2:
@@ -401,18 +411,18 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx, targets=None, positions=None):
-        """Logits (B, T, vocab_size) for the tokens idx (B, T), and their mean cross-entropy against
-        targets (B, T) if given. positions None: whole sequences from position 0, no cache
-        (training, evaluation). A tensor (T,): idx continues the cached sequence at those positions
-        (generation, after setup_cache)."""
+        """Logits (B, T, vocab_size) for the tokens idx (B, T), and their mean cross-entropy
+        against targets (B, T) if given. positions None: whole sequences from position 0, no
+        cache (training, evaluation). A tensor (T,): idx continues the cached sequence at those
+        positions (generation, after setup_cache)."""
         T = idx.size(1)
         if positions is None:
             freqs_cis = self.freqs_cis[:T]
             mask = None  # causal attention within idx
         else:
             freqs_cis = self.freqs_cis[positions]
-            # the query at positions[i] sees the cache slots up to it: 0 added to their scores, and
-            # -inf to the others, later ones and the ones not yet written
+            # the query at positions[i] reads the cache slots up to it: 0 is added to their
+            # scores, -inf to the later slots and to those not yet written
             slots = torch.arange(self.args.max_seq_len, device=idx.device)
             mask = torch.zeros(T, self.args.max_seq_len, device=idx.device)
             mask = mask.masked_fill(slots > positions[:, None], float("-inf"))  # (T, max_seq_len)
@@ -426,7 +436,7 @@ class Transformer(nn.Module):
         return logits, loss
 
     def setup_cache(self, batch_size):
-        """Allocate each layer's key/value cache once; later calls with the same batch size keep it."""
+        """Allocate each layer's key/value cache once; calls with the same batch size keep it."""
         weight = self.tok_embeddings.weight
         shape = (batch_size, self.args.max_seq_len, self.args.n_kv_heads, self.args.head_dim)
         for layer in self.layers:
@@ -436,18 +446,19 @@ class Transformer(nn.Module):
                 attention.cache_v = weight.new_zeros(shape)
 
     def decode_step(self, token, position):
-        """The logits (B, vocab_size) after one new token (B, 1) at position, a tensor (1,). Every call
-        has the same shapes, so Part II can compile it once, or capture it as a CUDA graph."""
+        """The logits (B, vocab_size) after one new token (B, 1) at position, a tensor (1,). Every
+        call has the same shapes, so Part II can compile it once, or capture it as a CUDA graph."""
         logits, _ = self(token, positions=position)
         return logits[:, -1]
 
     @torch.inference_mode()  # like no_grad, and lighter: these tensors will never need gradients
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 use_cache=True, on_token=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 generator=None, use_cache=True, on_token=None):
         """Continue idx (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens).
         The model sees at most max_seq_len tokens (of a longer prompt, the last ones). When that
-        window is full, its most recent half is run again from position 0, refilling the cache, and
-        decoding goes on. use_cache=False recomputes the window at every step: the same tokens, slower."""
+        window is full, its most recent half is run again from position 0, refilling the cache,
+        and decoding goes on. use_cache=False recomputes the window at every step instead: the
+        same tokens, more slowly. on_token(token) is called with each new token (B, 1)."""
         window = idx[:, -self.args.max_seq_len:]  # (B, at most max_seq_len): what the model sees
         new_tokens = []
         cached = 0  # how many tokens of the window the cache holds
@@ -475,17 +486,18 @@ class Transformer(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row of logits (B, vocab_size): argmax at temperature 0, else a softmax sample."""
+    """A token id for each row of logits (B, vocab_size): the argmax at temperature 0, else a
+    sample from the softmax, restricted to the top_k likeliest tokens or the top_p of the mass."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
     # the best token at 0 before dividing, so that a tiny temperature cannot overflow
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    if top_k is not None and top_k < logits.size(-1):  # keep the k likeliest tokens
+    if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
+    if top_p is not None and top_p < 1.0:  # the fewest likeliest tokens whose mass reaches top_p
         probs, order = torch.sort(logits.softmax(-1), dim=-1, descending=True)
-        drop = probs.cumsum(-1) - probs >= top_p  # the tokens before this one already reach top_p
+        drop = probs.cumsum(-1) - probs >= top_p  # the tokens before this one reach top_p already
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
 
@@ -498,7 +510,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 @dataclass
 class TrainConfig:
-    """One training run's settings; the defaults are the hyperparameters above."""
+    """One training run's settings, each with its flag's name; the defaults are the constants."""
 
     steps: int = EPOCHS
     batch_size: int = BATCH_SIZE
@@ -521,8 +533,9 @@ class TrainConfig:
     save_every: int = 0  # also save the checkpoint every this many steps; 0: only at the end
 
     def model_args(self, vocab_size):
-        return ModelArgs(dim=self.dim, n_layers=self.layers, n_heads=self.heads, n_kv_heads=self.kv_heads,
-                         vocab_size=vocab_size, max_seq_len=self.context, dropout=self.dropout)
+        return ModelArgs(dim=self.dim, n_layers=self.layers, n_heads=self.heads,
+                         n_kv_heads=self.kv_heads, vocab_size=vocab_size, max_seq_len=self.context,
+                         dropout=self.dropout)
 
 
 def lr_at(step, cfg):
@@ -538,19 +551,21 @@ def make_optimizer(model, lr, weight_decay, device):
     """AdamW with decoupled weight decay on the weight matrices, none on the norms' gains."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     gains = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": gains, "weight_decay": 0.0}]
+    groups = [{"params": matrices, "weight_decay": weight_decay},
+              {"params": gains, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=device.type == "cuda")
 
 
 def autocast(device):
-    """bf16 autocast on GPUs that compute in bf16 (compute capability 8.0 on; a T4 only emulates it)."""
+    """bf16 autocast on GPUs that compute in bf16 (compute capability 8.0 on; a T4 emulates it)."""
     bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)  # weights and Adam stay float32
+    # the weights and AdamW's state stay float32; matrix products run in bf16
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
 
 def train_step(model, optimizer, x, y, lr):
-    """One optimizer step on the batch (x, y); returns its loss as a tensor (reading its value would
-    make the program wait for a GPU at every step)."""
+    """One optimizer step on the batch (x, y). Returns the loss as a tensor: reading its value
+    would make the program wait for a GPU at every step."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(x.device):
@@ -563,25 +578,28 @@ def train_step(model, optimizer, x, y, lr):
 
 
 def train(cfg: TrainConfig, run=None):
-    """Train a LLaMA as cfg says; returns (model, tokenizer, data), or None if stopped by a signal.
-    run, from Part II, keeps the output folder (checkpoints, resuming, Ctrl-C, log.csv) and the
-    processes of a torchrun; without one, a fresh run into cfg.out is made."""
+    """Train a LLaMA as cfg says; returns (model, tokenizer, data), or None if a signal stopped it.
+    run (Part II) keeps the output folder: checkpoints, resuming, Ctrl-C, log.csv, and the
+    processes of a torchrun. Without one, a fresh run into cfg.out is made."""
     run = run or Run(cfg)
     with run:
         text = get_text(cfg.data)
-        tok = run.saved_tokenizer() or get_tokenizer(split_text(text)["train"], cfg.vocab_size, run.cache_dir)
+        tok = run.saved_tokenizer() or get_tokenizer(split_text(text)["train"], cfg.vocab_size,
+                                                     run.cache_dir)
         data = encode_splits(text, tok)
-        check_splits(text, tok, data, cfg.context)  # Part II: a clear error if a split is too short
+        check_splits(text, tok, data, cfg.context)  # Part II: one clear line if a split is short
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg.model_args(tok.vocab_size)).to(run.device)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{n_params:,} parameters | {len(data['train']):,} training tokens | {run.device}")
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, run.device)
         batches = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
-        # the same validation windows at every log line, so that the curve shows the model, not the draw
-        val_gen = torch.Generator().manual_seed(0)
-        val_x, val_y = get_batch(data["val"], EVAL_BATCHES * cfg.batch_size, cfg.context, val_gen)
-        val_tokens_per_char = val_y.numel() / tok.n_chars[val_y].sum().item()
-        step = run.start(model, optimizer, batches, tok, val_tokens_per_char)  # 0, or where it stopped
-        trained = run.wrap(model)  # the model, or its torch.compile / DistributedDataParallel wrapper
+        # the same validation windows at every log line: the curve shows the model, not the draw
+        val_x, val_y = get_batch(data["val"], EVAL_BATCHES * cfg.batch_size, cfg.context,
+                                 torch.Generator().manual_seed(0))
+        val_chars = tok.n_chars[val_y].sum().item()  # to log nats per character too
+        step = run.start(model, optimizer, batches, tok, val_chars)  # 0, or where it stopped
+        trained = run.wrap(model)  # the model, or its DistributedDataParallel or compiled form
         losses = []
         while step < cfg.steps and not run.stop_requested:
             lr = lr_at(step, cfg)
@@ -591,10 +609,10 @@ def train(cfg: TrainConfig, run=None):
             losses.append(train_step(trained, optimizer, x.to(run.device), y.to(run.device), lr))
             step += 1
             if step % cfg.log_interval == 0 or step == cfg.steps:
-                train_loss = run.mean_loss(losses, step)  # stops the run on nan; averaged over processes
+                train_loss = run.mean_loss(losses, step)  # over all processes; stops on nan
                 val_loss = evaluate(model, val_x, val_y, len(val_x))["loss"]
-                print(f"step {step:5d}/{cfg.steps} | train {train_loss:.4f} | val {val_loss:.4f} | "
-                      f"lr {lr:.2e} | {run.progress(step)}", flush=True)
+                print(f"step {step:5d}/{cfg.steps} | train {train_loss:.4f} | "
+                      f"val {val_loss:.4f} | lr {lr:.2e} | {run.progress(step)}", flush=True)
                 run.log(step, train_loss, val_loss, lr)  # a row of log.csv
                 losses = []
             run.step_done(step, losses)  # saves every --save-every steps; hears Ctrl-C
@@ -606,18 +624,20 @@ def train(cfg: TrainConfig, run=None):
 
 # -----------------------------------------------------------------------------
 # Evaluation
-# Every token of the validation and test splits, once, in consecutive windows: exact and repeatable.
-# Bits per character divide the loss by the characters predicted, so they compare across tokenizers.
+# Every token of the validation and test splits, once, in consecutive windows: exact, repeatable.
+# Bits per character divide the loss by the characters predicted: they compare across tokenizers.
 
 
 @torch.no_grad()
 def evaluate(model, x, y, batch_size, n_chars=None, progress=None):
-    """Loss (nats per token), accuracy and perplexity on inputs x and targets y (N, T), and bits per
-    character if n_chars, the characters of the targets, is given. Targets of -100 are skipped."""
+    """Loss (nats per token), accuracy and perplexity on inputs x and targets y (N, T), and bits
+    per character if n_chars, the characters of the targets, is given. Targets of -100 are skipped."""
     device = model.output.weight.device
     training = model.training
     model.eval()  # no dropout
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum = 0.0
+    correct = 0
+    count = 0
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         yb = y[i:i + batch_size].to(device)
@@ -631,27 +651,29 @@ def evaluate(model, x, y, batch_size, n_chars=None, progress=None):
     model.train(training)
     loss = loss_sum / count
     bpc = loss_sum / (n_chars * math.log(2)) if n_chars else None
-    return {"loss": loss, "acc": correct / count, "ppl": math.exp(loss), "bpc": bpc}
+    return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(loss), "bpc": bpc}
 
 
 def report(model, tok, data, context, batch_size):
-    """Evaluate the full validation and test splits; print them beside the original README's numbers."""
+    """Evaluate the full validation and test splits; print them beside the original's numbers."""
     results = {}
     for split in ("val", "test"):
         x, y = windows(data[split], context)
-        n_chars = tok.n_chars[data[split][1:]].sum().item()  # the characters of every predicted token
-        results[split] = evaluate(model, x, y, batch_size, n_chars, progress=f"evaluating {split}")
-    print(f"\r{'split':<6}{'loss':>8}{'accuracy':>10}{'perplexity':>12}{'bits/char':>11}   original README")
+        n_chars = tok.n_chars[data[split][1:]].sum().item()  # the characters of every target
+        results[split] = evaluate(model, x, y, batch_size, n_chars, f"evaluating {split}")
+    header = f"{'split':<6}{'loss':>8}{'accuracy':>10}{'perplexity':>12}{'bits/char':>11}"
+    print(f"\r{header}   original README")
     for split, r in results.items():
-        before = ", ".join(f"{ORIGINAL_NAMES[name]} {value}" for name, value in ORIGINAL[split].items())
-        print(f"{split:<6}{r['loss']:8.4f}{r['acc']:10.4f}{r['ppl']:12.2f}{r['bpc']:11.4f}   {before}")
+        numbers = f"{r['loss']:8.4f}{r['accuracy']:10.4f}{r['perplexity']:12.2f}{r['bpc']:11.4f}"
+        original = ", ".join(f"{name} {value}" for name, value in ORIGINAL[split].items())
+        print(f"{split:<6}{numbers}   {original}")
     return results
 
 
 # -----------------------------------------------------------------------------
 # Sampling
-# The prompt is encoded and run through the model once, filling the KV cache; then one token at a
-# time is sampled and fed back, and the text is printed as soon as it is decoded.
+# The prompt is encoded and run through the model once, filling the KV cache; then one token at
+# a time is sampled and fed back, and the text is printed as soon as it is decoded.
 
 
 def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=None, top_p=None,
@@ -659,43 +681,18 @@ def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=N
     """Print num_samples continuations of prompt as they are produced, and return them."""
     device = model.output.weight.device
     ids = tok.encode(prompt)
-    if tok.bos_id >= 0:  # Llama's tokenizer: every text starts with the beginning-of-sequence token
+    if tok.bos_id >= 0:  # Llama's tokenizer: every text starts with the beginning-of-sequence id
         ids = [tok.bos_id] + ids
     generator = torch.Generator(device).manual_seed(seed)
     texts = []
     for i in range(num_samples):
         print(prompt, end="", flush=True)
-        printer = TextStream(tok, ids)
+        stream = TextStream(tok, ids)  # Part II: prints what each token adds to the text
         idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T0)
-        model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator, on_token=printer)
-        texts.append(prompt + printer.text)
+        model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator, on_token=stream)
+        texts.append(prompt + stream.text)
         print("\n" + "-" * 40 if i < num_samples - 1 else "")
     return texts
-
-
-class TextStream:
-    """Prints what each new token adds to the decoded text. Decoding the recent tokens together, not
-    one piece alone, keeps the spaces that Llama's tokenizer drops at a text's start, and waits for
-    the rest of a character that is split over several byte pieces."""
-
-    def __init__(self, tok, prompt_ids):
-        self.tok = tok
-        self.recent = list(prompt_ids[-64:])
-        self.shown = tok.decode(self.recent)  # the decoded text of self.recent, printed already
-        self.text = ""  # everything printed after the prompt
-
-    def __call__(self, token):
-        self.recent.append(token[0, 0].item())
-        decoded = self.tok.decode(self.recent)
-        if decoded.endswith("\ufffd"):  # half a character so far
-            return
-        new_text = decoded[len(self.shown):]
-        print(new_text, end="", flush=True)
-        self.text += new_text
-        self.shown = decoded
-        if len(self.recent) > 128:  # decode a bounded tail, however long the sample grows
-            self.recent = self.recent[-64:]
-            self.shown = self.tok.decode(self.recent)
 
 
 # =============================================================================
@@ -1163,14 +1160,14 @@ class Run:
         """The tokenizer of the run being resumed, or None for a fresh run."""
         return Tokenizer(self.checkpoint["tokenizer"]) if self.checkpoint else None
 
-    def start(self, model, optimizer, batches, tok, val_tokens_per_char):
+    def start(self, model, optimizer, batches, tok, val_chars):
         """Take the run's objects; a resumed run loads its state into them. Returns the first step.
-        val_tokens_per_char turns the logged validation loss into nats per character."""
+        val_chars, the characters of the validation targets, gives the log nats per character."""
         self.model = model
         self.optimizer = optimizer
         self.batches = batches
         self.tok = tok
-        self.val_tokens_per_char = val_tokens_per_char
+        self.val_tokens_per_char = EVAL_BATCHES * self.cfg.batch_size * self.cfg.context / val_chars
         step = 0
         if self.checkpoint is not None:
             model.load_state_dict(self.checkpoint["model"])
@@ -1185,10 +1182,10 @@ class Run:
         # from here on, Ctrl-C and SIGTERM stop the run after the step in progress, and it saves
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.old_handlers[signum] = signal.signal(signum, self.on_signal)
-        n_params = sum(p.numel() for p in model.parameters())
-        split = f" | {self.world_size} processes, {self.cfg.batch_size // self.world_size} sequences each" \
-            if self.world_size > 1 else ""
-        print(f"{n_params:,} parameters | {self.device}{split}")
+        if self.world_size > 1:
+            share = self.cfg.batch_size // self.world_size
+            print(f"{self.world_size} processes, {share} sequences each of every batch of "
+                  f"{self.cfg.batch_size}: together they compute what one process computes")
         self.first_step = step
         self.last_step = step
         self.started = time.time()
@@ -1317,6 +1314,31 @@ def plot_log(out):
 # Transformer.decode_step has the same shapes at every position, so torch.compile turns it into one
 # graph for all of them. On CUDA, mode "reduce-overhead" also records that graph as a CUDA graph and
 # replays it: one launch per token instead of hundreds. bench measures what each of these gives.
+
+
+class TextStream:
+    """Prints what each new token adds to the decoded text. Decoding the recent tokens together, not
+    one piece alone, keeps the spaces that Llama's tokenizer drops at a text's start, and waits for
+    the rest of a character that is split over several byte pieces."""
+
+    def __init__(self, tok, prompt_ids):
+        self.tok = tok
+        self.recent = list(prompt_ids[-64:])
+        self.shown = tok.decode(self.recent)  # the decoded text of self.recent, printed already
+        self.text = ""  # everything printed after the prompt
+
+    def __call__(self, token):
+        self.recent.append(token[0, 0].item())
+        decoded = self.tok.decode(self.recent)
+        if decoded.endswith("\ufffd"):  # half a character so far
+            return
+        new_text = decoded[len(self.shown):]
+        print(new_text, end="", flush=True)
+        self.text += new_text
+        self.shown = decoded
+        if len(self.recent) > 128:  # decode a bounded tail, however long the sample grows
+            self.recent = self.recent[-64:]
+            self.shown = self.tok.decode(self.recent)
 
 
 def compile_decoding(model):
