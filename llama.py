@@ -216,7 +216,8 @@ def get_batch(data, batch_size, context, generator=None):
 
 
 def windows(data, context):
-    """Every token of a split but the first as a target, once: consecutive windows, the last padded."""
+    """Every token of a split but the first, once, as a target, in consecutive windows (the last
+    one padded)."""
     pad = -(len(data) - 1) % context  # to a whole number of windows
     x = F.pad(data[:-1], (0, pad))
     y = F.pad(data[1:], (0, pad), value=-100)  # cross_entropy skips targets of -100
@@ -261,7 +262,8 @@ class ModelArgs:
                              f"{self.n_kv_heads}: change --heads or --kv-heads")
         if self.head_dim % 2:
             raise ValueError(f"the head size dim / n_heads = {self.dim} / {self.n_heads} is odd, "
-                             f"and rotary embeddings turn pairs of features: change --dim or --heads")
+                             f"and rotary embeddings turn pairs of features: change --dim or "
+                             f"--heads")
 
     @property
     def head_dim(self):
@@ -605,7 +607,8 @@ def train(cfg: TrainConfig, run=None):
             lr = lr_at(step, cfg)
             x, y = get_batch(data["train"], cfg.batch_size, cfg.context, batches)
             # under torchrun every process draws the same batch and trains on its own share of it
-            x, y = run.share(x), run.share(y)
+            x = run.share(x)
+            y = run.share(y)
             losses.append(train_step(trained, optimizer, x.to(run.device), y.to(run.device), lr))
             step += 1
             if step % cfg.log_interval == 0 or step == cfg.steps:
@@ -631,7 +634,7 @@ def train(cfg: TrainConfig, run=None):
 @torch.no_grad()
 def evaluate(model, x, y, batch_size, n_chars=None, progress=None):
     """Loss (nats per token), accuracy and perplexity on inputs x and targets y (N, T), and bits
-    per character if n_chars, the characters of the targets, is given. Targets of -100 are skipped."""
+    per character if n_chars, the characters of the targets, is given. Targets -100 are skipped."""
     device = model.output.weight.device
     training = model.training
     model.eval()  # no dropout
@@ -696,9 +699,9 @@ def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=N
 
 
 # =============================================================================
-# Part II: the tool. What a program needs around the lesson, and a reader may skip: files that are
-# never half-written, checkpoints, resuming and signals, log.csv and its plot, several processes
-# under torchrun, compiled decoding and bench, Meta's checkpoint layout, and the command line.
+# Part II: the tool. What a program needs around the lesson, and a reader may skip: files that
+# are never half-written, checkpoints, resuming and signals, log.csv and its plot, several
+# processes under torchrun, compiled decoding and bench, Meta's checkpoint layout, the command line.
 
 # -----------------------------------------------------------------------------
 # Safe files
@@ -708,7 +711,7 @@ def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=N
 
 
 def atomic_write(path, data):
-    """Write data (bytes, or a function that writes to a binary file) to path: all of it, or nothing."""
+    """Write data (bytes, or a function that writes to a binary file) to path: all, or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
@@ -719,7 +722,7 @@ def atomic_write(path, data):
                 data(f)
             else:
                 f.write(data)
-        umask = os.umask(0)  # reading the umask means setting it; put it straight back
+        umask = os.umask(0)  # reading the umask means setting it: put it straight back
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it; mkstemp makes it private
         os.replace(tmp, path)
@@ -727,7 +730,9 @@ def atomic_write(path, data):
         reason = no_room(e)
         if reason is None:
             raise
-        kept = f"the previous {path.name} was left as it was" if path.exists() else "nothing was written"
+        kept = "nothing was written"
+        if path.exists():
+            kept = f"the previous {path.name} was left as it was"
         raise OSError(f"could not write {path}: {reason}; {kept}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
@@ -747,8 +752,9 @@ def no_room(e):
 
 
 def lock_folder(folder):
-    """Hold folder/.lock until the returned file is closed; refuse if another process holds it. The
-    operating system releases the lock when its process ends, however it ends: none stays stuck."""
+    """Hold folder/.lock until the returned file is closed; refuse if another process holds it.
+    The operating system releases the lock when its process ends, however it ends: none is ever
+    left stuck by a crash."""
     folder.mkdir(parents=True, exist_ok=True)
     lock = open(folder / ".lock", "a+")
     try:
@@ -762,8 +768,8 @@ def lock_folder(folder):
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
-        raise ValueError(f"{folder} is in use by another training run (process {holder}); wait for it "
-                         f"to end, or give another --out") from None
+        raise ValueError(f"{folder} is in use by another training run (process {holder}): wait "
+                         f"for it to end, or give another --out") from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
@@ -772,20 +778,20 @@ def lock_folder(folder):
 
 
 def remove_temp_files(folder):
-    """Temporary files that a killed process left in folder (call it holding the folder's lock)."""
+    """Remove the temporary files a killed process left in folder (call it holding the lock)."""
     for tmp in folder.glob("*.*.tmp"):
         tmp.unlink()
-        print(f"removed {tmp}, left by an earlier run that was killed while writing", file=sys.stderr)
+        print(f"removed {tmp}, left by an earlier run killed while writing", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
 # Data checks
-# The download, bounded in time and size; the text read as UTF-8; and what to do when a text cannot
-# be split or tokenized.
+# The download, bounded in time and size; the text, read as UTF-8; and what to say when a text
+# cannot be split or tokenized.
 
 
 def fetch_tiny_shakespeare(path):
-    """Download Tiny Shakespeare to path if it is not there; refuse a copy that is not the published file."""
+    """Download Tiny Shakespeare to path unless it is there; refuse a copy that differs from it."""
     if not path.exists():
         print(f"downloading {DATA_URL} to {path} ...", flush=True)
         download(DATA_URL, path, DATA_SHA256, max_bytes=DATA_BYTES)
@@ -793,9 +799,9 @@ def fetch_tiny_shakespeare(path):
         return
     content = path.read_bytes()
     if hashlib.sha256(content).hexdigest() != DATA_SHA256:
-        raise ValueError(f"{path} is not Tiny Shakespeare as published ({len(content):,} bytes, not "
-                         f"{DATA_BYTES:,}, or other bytes): it may be half-written. Delete it to "
-                         f"download it again, or pass --data {path} to use it as it is")
+        raise ValueError(f"{path} is not Tiny Shakespeare as published ({len(content):,} bytes, "
+                         f"not {DATA_BYTES:,}, or other bytes): it may be half-written. Delete it "
+                         f"to download it again, or pass --data {path} to use it as it is")
 
 
 def download(url, path, sha256=None, max_bytes=64 * 2**20, timeout=30.0, deadline=300.0):
@@ -810,7 +816,7 @@ def download(url, path, sha256=None, max_bytes=64 * 2**20, timeout=30.0, deadlin
             length = int(response.headers.get("Content-Length") or -1)
             if length > max_bytes:
                 raise OSError(f"it is {length:,} bytes, more than the {max_bytes:,} expected")
-            # read1 returns what has arrived, so a server that trickles bytes still meets the deadline
+            # read1 returns what has arrived: a server that trickles bytes still meets the deadline
             read = getattr(response.raw, "read1", response.raw.read)
             digest = hashlib.sha256()
             received = 0
@@ -832,8 +838,10 @@ def download(url, path, sha256=None, max_bytes=64 * 2**20, timeout=30.0, deadlin
     try:
         atomic_write(path, receive)
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-        why = e.args[0] if isinstance(e, urllib3.exceptions.HTTPError) and e.args else e  # no repr of a tuple
-        raise OSError(f"could not download {url}: {why}; fetch it by hand: curl -L -o {path} {url}") from None
+        # urllib3's errors hold their message first in a tuple
+        why = e.args[0] if isinstance(e, urllib3.exceptions.HTTPError) and e.args else e
+        raise OSError(f"could not download {url}: {why}; fetch it by hand: "
+                      f"curl -L -o {path} {url}") from None
     return path
 
 
@@ -845,7 +853,8 @@ def read_text(path):
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it "
+                         f"to UTF-8") from None
     if not text:
         raise ValueError(f"{path} is empty: give a text file, such as Tiny Shakespeare")
     return text
@@ -857,19 +866,20 @@ def tokenizer_error(e, vocab_size, n_chars):
     too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
     too_big = re.search(r"set it to a value <= (\d+)", message)
     if too_small:
-        return (f"--vocab-size {vocab_size} is too small for this text: it needs one piece per distinct "
-                f"character, plus the unknown piece and the newline: use at least {too_small[1]}")
+        return (f"--vocab-size {vocab_size} is too small for this text: it needs one piece per "
+                f"distinct character, plus the unknown piece and the newline: use at least "
+                f"{too_small[1]}")
     if too_big:
-        return (f"--vocab-size {vocab_size} is more pieces than SentencePiece can make from {n_chars:,} "
-                f"characters of training text (at most {too_big[1]}): use a smaller --vocab-size, or a "
-                f"longer text")
+        return (f"--vocab-size {vocab_size} is more pieces than SentencePiece can make from "
+                f"{n_chars:,} characters of training text (at most {too_big[1]}): use a smaller "
+                f"--vocab-size, or a longer text")
     if "sentences_.empty()" in message:
         return "the training split has no text to learn a tokenizer from: give a longer text"
     return f"SentencePiece cannot make {vocab_size} pieces from this text ({message.strip()[:200]})"
 
 
 def check_splits(text, tok, data, context):
-    """Each split must hold one window and its targets. Characters the training split never has
+    """Each split must hold a window and its targets. Characters the training split never has
     cannot be encoded: say so, since they make the evaluation's bits per character approximate."""
     parts = split_text(text)
     for name in ("val", "test"):
@@ -882,10 +892,12 @@ def check_splits(text, tok, data, context):
         if len(ids) >= context + 1:
             continue
         if len(parts[name]) >= context + 1 and tok.unknown_chars(parts[name]):
-            raise ValueError(f"the {name} split has {len(parts[name]):,} characters but only {len(ids)} "
-                             f"tokens: most of its characters never occur in the training split (the "
-                             f"first 70% of the text), so the tokenizer cannot encode them")
-        need = math.ceil((context + 1) / 0.15 * len(text) / max(1, sum(map(len, data.values()))))
+            raise ValueError(f"the {name} split has {len(parts[name]):,} characters but only "
+                             f"{len(ids)} tokens: most of its characters never occur in the "
+                             f"training split (the first 70% of the text), so the tokenizer "
+                             f"cannot encode them")
+        chars_per_token = len(text) / max(1, sum(map(len, data.values())))
+        need = math.ceil((context + 1) / 0.15 * chars_per_token)
         raise ValueError(f"the text is too short: its {name} split has {len(ids)} tokens and a "
                          f"{context}-token context needs {context + 1}; use a text of at least "
                          f"~{need:,} characters, or a smaller --context")
@@ -894,13 +906,14 @@ def check_splits(text, tok, data, context):
 # -----------------------------------------------------------------------------
 # Checkpoints
 # A checkpoint holds only tensors, numbers, strings and bytes, so torch.load(weights_only=True)
-# reads it and no pickled code can run. All of it is checked as it is loaded, so that a damaged or
-# edited file is refused with one line instead of failing later with a traceback.
+# reads it and no pickled code can run. All of it is checked as it is loaded, so that a damaged
+# or edited file is refused with one line, not a traceback later.
 
-TRAIN_KEYS = ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads", "vocab_size", "lr",
-              "warmup", "weight_decay", "dropout", "log_interval", "seed", "data")  # a run, as saved
-MAX_CONTEXT = 2**20  # longer contexts would only fail to allocate their rotary table and cache
-INT_ARGS = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")
+# the run's settings, as saved; --resume reuses them
+TRAIN_KEYS = ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads", "vocab_size",
+              "lr", "warmup", "weight_decay", "dropout", "log_interval", "seed", "data")
+MAX_CONTEXT = 2**20  # a longer context would only fail to allocate its rotary table and cache
+INT_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len")
 
 
 def save_checkpoint(path, model, tok, optimizer, step, rng, config, log_rows, data_sha256):
@@ -913,7 +926,7 @@ def save_checkpoint(path, model, tok, optimizer, step, rng, config, log_rows, da
         "rng": rng,  # the state of the generator that draws the training batches
         "config": config,  # the run's settings, reused by --resume
         "log": log_rows,  # the rows of log.csv up to this step
-        "data_sha256": data_sha256,  # the text it was trained on, checked by --resume
+        "data_sha256": data_sha256,  # the text it learns from, checked by --resume
     }
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
@@ -925,19 +938,26 @@ def load_checkpoint(path, for_resume=False):
         raise FileNotFoundError(f"no checkpoint at {path}: run `python llama.py train` first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled code, a truncated file and a foreign format all land here
+    except Exception as e:  # pickled code, a cut file and a foreign format all land here
         if "Weights only load failed" in str(e):
-            why = "it holds pickled Python objects (code, perhaps) besides tensors and numbers, never loaded here"
+            why = "it holds pickled Python objects (code, perhaps), which are never loaded here"
         else:
             why = "it is not a whole PyTorch file (empty, cut short, or another format)"
-        raise ValueError(f"{path} cannot be loaded safely: {why}; retrain, or give another --ckpt") from None
+        raise ValueError(f"{path} cannot be loaded safely: {why}; retrain, or give another "
+                         f"--ckpt") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a llama.py checkpoint (no model, model_args and tokenizer); retrain")
+        raise ValueError(f"{path} is not a llama.py checkpoint (no model, model_args and "
+                         f"tokenizer): retrain, or give another --ckpt")
     try:
         check_checkpoint(ckpt, for_resume)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise ValueError(f"{path} is damaged or was edited: {e}; retrain, or give another --ckpt") from None
+        raise ValueError(f"{path} is damaged or was edited: {e}; retrain, or give another "
+                         f"--ckpt") from None
     return ckpt
+
+
+def is_number(value, kind=(int, float)):
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_checkpoint(ckpt, for_resume):
@@ -950,21 +970,21 @@ def check_checkpoint(ckpt, for_resume):
         if key not in known:
             raise ValueError(f"its model_args have an unknown setting {key!r}")
         optional = key in ("n_kv_heads", "ffn_dim_multiplier") and value is None
-        number = int if key in INT_ARGS + ("n_kv_heads",) else (int, float)
-        if not optional and (not isinstance(value, number) or isinstance(value, bool)):
-            raise ValueError(f"its model_args have {key} = {value!r}, not a number")
+        if not optional and not is_number(value, int if key in INT_ARGS else (int, float)):
+            raise ValueError(f"its model_args have {key} = {value!r}, not a number of that kind")
     args = ModelArgs(**raw_args)
-    if not 1 <= args.max_seq_len <= MAX_CONTEXT:
-        raise ValueError(f"its max_seq_len {args.max_seq_len} is not between 1 and {MAX_CONTEXT:,}")
+    if args.max_seq_len > MAX_CONTEXT:
+        raise ValueError(f"its max_seq_len {args.max_seq_len} is over {MAX_CONTEXT:,}")
     if not (args.norm_eps > 0 and args.rope_theta > 0 and 0 <= args.dropout < 1):
         raise ValueError(f"its norm_eps, rope_theta or dropout is out of range: {raw_args}")
     if not isinstance(ckpt["tokenizer"], bytes):
         raise ValueError("its tokenizer is not a SentencePiece model")
     tok = Tokenizer(ckpt["tokenizer"])  # RuntimeError if the bytes are damaged
     if tok.vocab_size != args.vocab_size:
-        raise ValueError(f"its tokenizer has {tok.vocab_size} pieces but its model {args.vocab_size}")
+        raise ValueError(f"its tokenizer has {tok.vocab_size} pieces but its model "
+                         f"{args.vocab_size}")
     weights = ckpt["model"]
-    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+    if not isinstance(weights, dict) or not all(torch.is_tensor(t) for t in weights.values()):
         raise ValueError("its weights are not a table of tensors")
     misfit = weights_misfit(args, weights)
     if misfit:
@@ -977,7 +997,7 @@ def check_checkpoint(ckpt, for_resume):
 
 
 def check_resume_state(ckpt):
-    """What --resume needs besides the model: the settings, the step, the optimizer, the random state."""
+    """What --resume needs besides the model: the settings, step, optimizer and random state."""
     config = ckpt.get("config")
     if not isinstance(config, dict) or not set(TRAIN_KEYS) <= config.keys():
         raise ValueError(f"its run settings are incomplete (it needs {', '.join(TRAIN_KEYS)})")
@@ -986,16 +1006,16 @@ def check_resume_state(ckpt):
         if key == "data":
             good = value is None or isinstance(value, str)
         elif key in ("lr", "weight_decay", "dropout"):
-            good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            good = is_number(value)
         else:
-            good = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            good = is_number(value, int) and value >= 0
         if not good:
             raise ValueError(f"its run setting {key} = {value!r} is not valid")
-    if not isinstance(ckpt.get("step"), int) or ckpt["step"] < 0:
+    if not is_number(ckpt.get("step"), int) or ckpt["step"] < 0:
         raise ValueError(f"its step {ckpt.get('step')!r} is not a whole number")
     rng = ckpt.get("rng")
-    expected_rng = torch.Generator().get_state()
-    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != expected_rng.shape:
+    rng_shape = torch.Generator().get_state().shape
+    if not torch.is_tensor(rng) or rng.dtype != torch.uint8 or rng.shape != rng_shape:
         raise ValueError("its random state is incomplete")
     optimizer = ckpt.get("optimizer")
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys():
@@ -1003,24 +1023,26 @@ def check_resume_state(ckpt):
 
 
 def weights_misfit(args, weights):
-    """What keeps weights from loading into a model of shape args, in a few words; None if nothing."""
-    with torch.device("meta"):  # the names and shapes the weights must have, without allocating them
+    """What keeps weights from loading into a model shaped by args, in a few words; else None."""
+    with torch.device("meta"):  # the names and shapes the weights must have, none allocated
         expected = Transformer(args).state_dict()
     missing = sorted(expected.keys() - weights.keys())
     if missing:
-        return f"{missing[0]} is missing" + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+        more = f", and {len(missing) - 1} more" if len(missing) > 1 else ""
+        return f"{missing[0]} is missing{more}"
     extra = sorted(weights.keys() - expected.keys())
     if extra:
         return f"{extra[0]} is not a weight of this model"
     for name, tensor in weights.items():
         if tensor.shape != expected[name].shape:
-            return f"{name} is {tuple(tensor.shape)}, where the model has {tuple(expected[name].shape)}"
+            wanted = tuple(expected[name].shape)
+            return f"{name} is {tuple(tensor.shape)}, where the model has {wanted}"
     return None
 
 
 def load_model(path, device, dtype=None, context=None):
-    """The model (in eval mode) and tokenizer of a checkpoint: a file of ours, or a folder in Meta's
-    layout. context overrides the context length (a Meta folder has none; 2048 then)."""
+    """The model (in eval mode) and tokenizer of a checkpoint: a file of ours, or a folder in
+    Meta's layout. context overrides the context length (a Meta folder has none: 2048 then)."""
     path = Path(path)
     if path.is_dir():
         args, weights, tok = read_meta_folder(path, context or 2048)
@@ -1035,8 +1057,8 @@ def load_model(path, device, dtype=None, context=None):
 
 
 def build_model(args, weights, device, dtype=None):
-    """A Transformer in eval mode holding weights, in dtype, on device. It is built on the meta device
-    and takes the tensors as they are: a 7B model is never held twice, nor initialized at random.
+    """A Transformer in eval mode holding weights, in dtype, on device. Built on the meta device,
+    it takes the tensors as they are: a 7B model is never held twice, nor initialized at random.
     dtype None: the checkpoint's own dtype on a GPU, float32 elsewhere."""
     if dtype is None:
         dtype = next(iter(weights.values())).dtype if device.type == "cuda" else torch.float32
@@ -1047,7 +1069,7 @@ def build_model(args, weights, device, dtype=None):
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(weights, assign=True)
-    # the rotary table is not a weight: compute it for real (it was built on the meta device)
+    # the rotary table is not a weight: compute it for real (it was made on the meta device)
     freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta)
     model.freqs_cis = freqs_cis[:, None, :].to(device)
     return model.eval()
@@ -1055,30 +1077,33 @@ def build_model(args, weights, device, dtype=None):
 
 # -----------------------------------------------------------------------------
 # Training runs
-# Run is what Part I's training loop calls for everything that is not the lesson: the output
+# Run is where Part I's training loop meets everything that is not the lesson: the output
 # folder's lock, resuming, Ctrl-C and SIGTERM, saving every --save-every steps, log.csv and its
-# plot, and the processes of a torchrun, each training on its share of every batch.
+# plot, and the processes of a torchrun, each of which trains on its share of every batch.
 
 
 def pick_device(name="auto", local_rank=None):
     """cuda, then mps, then cpu, unless the user names one; under torchrun, this process's GPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            name = "cuda" if local_rank is None else f"cuda:{local_rank}"
+            name = "cuda"
         elif torch.backends.mps.is_available():
             name = "mps"
         else:
             name = "cpu"
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
         raise ValueError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N or mps")
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"  # one GPU per process
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: PyTorch sees no CUDA GPU here (a CPU-only build, or no driver); "
-                         "use --device cpu, or leave --device out")
+        raise ValueError("--device cuda: PyTorch sees no CUDA GPU here (a CPU-only build, or no "
+                         "driver): use --device cpu, or leave --device out")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPUs")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: Apple's MPS is not available here; use --device cpu, or leave --device out")
+        raise ValueError("--device mps: Apple's MPS is not available here: use --device cpu, or "
+                         "leave --device out")
     return device
 
 
@@ -1089,13 +1114,14 @@ def peak_memory_mib(device):
     if sys.platform == "win32":  # no resource module there
         return float("nan")
     import resource  # Unix only, so imported here; ru_maxrss is in KiB, on macOS in bytes
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 class Run:
-    """A training run's output folder and processes. Fresh, it refuses a folder that already holds a
-    checkpoint (unless overwrite); resuming, checkpoint is the loaded checkpoint it continues.
-    Use it as a context manager: it holds the folder's lock and the signal handlers inside."""
+    """A training run's output folder and processes, used as a context manager. A fresh run
+    refuses a folder that holds a checkpoint already, unless overwrite; a resumed one gets the
+    loaded checkpoint it continues."""
 
     LOG_HEADER = "step,train_loss,val_loss,val_nats_per_char,lr,tokens_per_s,peak_mib,seconds"
 
@@ -1109,35 +1135,36 @@ class Run:
         # torchrun sets these; a plain `python llama.py train` is rank 0 of 1
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.is_main = self.rank == 0
-        self.device = pick_device(cfg.device, self.local_rank if self.world_size > 1 else None)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.world_size > 1 else None
+        self.device = pick_device(cfg.device, local_rank)
         self.cache_dir = self.out if self.is_main else None  # only rank 0 writes files
         self.rows = list(checkpoint.get("log", [])) if checkpoint else []
+        self.lock = lock  # the folder's lock, if the caller took it already
         self.stop_requested = False
         self.signal_number = None
-        self.saved_step = None
-        self.lock = lock  # the folder's lock, if the caller took it already
         self.real_stdout = None
         self.old_handlers = {}
 
     def __enter__(self):
         try:
             if self.world_size > 1:
-                backend = "nccl" if self.device.type == "cuda" else "gloo"
-                dist.init_process_group(backend, device_id=self.device if backend == "nccl" else None)
+                if self.device.type == "cuda":
+                    dist.init_process_group("nccl", device_id=self.device)
+                else:
+                    dist.init_process_group("gloo")
             if self.is_main:
                 self.lock = self.lock or lock_folder(self.out)
                 remove_temp_files(self.out)
                 if self.checkpoint is None and self.ckpt_path.exists() and not self.overwrite:
-                    raise ValueError(f"{self.ckpt_path} already holds a run: continue it with --resume (and "
-                                     f"--steps N to train it further), replace it with --overwrite, or give "
-                                     f"another --out")
+                    raise ValueError(f"{self.ckpt_path} already holds a run: continue it with "
+                                     f"--resume (and --steps N to train it further), replace it "
+                                     f"with --overwrite, or give another --out")
             else:  # only rank 0 prints
                 self.real_stdout = sys.stdout
                 sys.stdout = open(os.devnull, "w")
         except BaseException:
-            self.__exit__(None, None, None)
+            self.__exit__()
             raise
         return self
 
@@ -1161,8 +1188,8 @@ class Run:
         return Tokenizer(self.checkpoint["tokenizer"]) if self.checkpoint else None
 
     def start(self, model, optimizer, batches, tok, val_chars):
-        """Take the run's objects; a resumed run loads its state into them. Returns the first step.
-        val_chars, the characters of the validation targets, gives the log nats per character."""
+        """Take the run's objects; a resumed run loads its state into them. Returns the first
+        step. val_chars, the characters of the validation targets, gives the log nats per char."""
         self.model = model
         self.optimizer = optimizer
         self.batches = batches
@@ -1175,27 +1202,28 @@ class Run:
                 optimizer.load_state_dict(self.checkpoint["optimizer"])
                 batches.set_state(self.checkpoint["rng"])
             except (ValueError, RuntimeError, KeyError) as e:
-                raise ValueError(f"{self.ckpt_path} cannot be resumed: its optimizer or random state is "
-                                 f"damaged ({str(e)[:200]})") from None
+                raise ValueError(f"{self.ckpt_path} cannot be resumed: its optimizer or random "
+                                 f"state is damaged ({str(e)[:200]})") from None
             step = self.checkpoint["step"]
             print(f"resuming {self.ckpt_path} at step {step}")
-        # from here on, Ctrl-C and SIGTERM stop the run after the step in progress, and it saves
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.old_handlers[signum] = signal.signal(signum, self.on_signal)
         if self.world_size > 1:
             share = self.cfg.batch_size // self.world_size
             print(f"{self.world_size} processes, {share} sequences each of every batch of "
                   f"{self.cfg.batch_size}: together they compute what one process computes")
+        # from here on, Ctrl-C and SIGTERM stop the run after the step in progress, and it saves
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.old_handlers[signum] = signal.signal(signum, self.on_signal)
         self.first_step = step
         self.last_step = step
         self.started = time.time()
         self.interval_start = self.started
         self.interval_end = self.started
+        self.validation_seconds = 0.0
         return step
 
     def wrap(self, model):
-        """What the loop trains: the model, under torchrun in DistributedDataParallel (which averages
-        the gradients of all processes in backward()), with --compile through torch.compile."""
+        """What the loop trains: the model; under torchrun, in DistributedDataParallel, which
+        averages the gradients of all processes in backward(); with --compile, compiled."""
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -1204,13 +1232,13 @@ class Run:
         return model
 
     def share(self, batch):
-        """This process's rows of a batch that every process drew alike (all of it in one process)."""
+        """This process's rows of a batch that every process drew alike (all of it, alone)."""
         return batch.chunk(self.world_size)[self.rank]
 
     def mean_loss(self, losses, step):
-        """The mean of the losses since the last log line, over all processes; a non-finite one stops
-        the run before anything is saved."""
-        self.interval_end = time.time()
+        """The mean of the losses since the last log line, over all processes. A non-finite one
+        stops the run before anything is saved."""
+        self.interval_end = time.time()  # the interval's training ends here, its validation starts
         losses = torch.stack(losses).float()
         if self.world_size > 1:
             dist.all_reduce(losses)  # a sum over the processes
@@ -1218,19 +1246,22 @@ class Run:
         bad = ~torch.isfinite(losses)
         if bad.any():
             first = step - len(losses) + 1 + int(bad.nonzero()[0])
-            kept = f"{self.ckpt_path} was left as it was" if self.ckpt_path.exists() else "nothing was saved"
-            raise FloatingPointError(f"the training loss became {losses[bad][0].item()} at step {first}; try a "
-                                     f"lower --lr than {self.cfg.lr}; {kept}")
+            kept = (f"{self.ckpt_path} was left as it was" if self.ckpt_path.exists()
+                    else "nothing was saved")
+            raise FloatingPointError(f"the training loss became {losses[bad][0].item()} at step "
+                                     f"{first}: try a lower --lr than {self.cfg.lr}; {kept}")
         return losses.mean().item()
 
     def progress(self, step):
-        """Tokens per second over the last interval (validation excluded), time elapsed and left."""
+        """Training tokens per second over the last interval, and the time elapsed and left."""
+        now = time.time()
+        self.validation_seconds += now - self.interval_end
         tokens = (step - self.last_step) * self.cfg.batch_size * self.cfg.context
         self.tokens_per_s = tokens / max(1e-9, self.interval_end - self.interval_start)
-        elapsed = time.time() - self.started
+        elapsed = now - self.started
         left = elapsed / (step - self.first_step) * (self.cfg.steps - step)
         self.last_step = step
-        self.interval_start = time.time()
+        self.interval_start = now
         return f"{self.tokens_per_s:,.0f} tok/s | {elapsed:.0f}s elapsed, {left:.0f}s left"
 
     def log(self, step, train_loss, val_loss, lr):
@@ -1241,7 +1272,8 @@ class Run:
                           peak_memory_mib(self.device), seconds])
 
     def step_done(self, step, losses):
-        """After each step: hear a signal (under torchrun, any process's); save every --save-every steps."""
+        """After each step: hear a signal (under torchrun, any process's), and save the
+        checkpoint every --save-every steps."""
         stop = self.signal_number is not None
         if self.world_size > 1:  # every process stops after the same step
             flag = torch.tensor([float(stop)], device=self.device)
@@ -1253,28 +1285,31 @@ class Run:
             self.save(step, losses)
 
     def save(self, step, losses):
-        """The checkpoint and log.csv, by rank 0, after checking the losses not yet logged."""
+        """The checkpoint, then log.csv, by rank 0, once the losses not yet logged are checked."""
         if losses:
             self.mean_loss(losses, step)  # raises on a non-finite loss
         if not self.is_main:
             return
         config = {key: getattr(self.cfg, key) for key in TRAIN_KEYS}
-        save_checkpoint(self.ckpt_path, self.model, self.tok, self.optimizer, step, self.batches.get_state(),
-                        config, self.rows, self.data_sha256)
+        rng = self.batches.get_state()
+        save_checkpoint(self.ckpt_path, self.model, self.tok, self.optimizer, step, rng, config,
+                        self.rows, self.data_sha256)
         lines = [self.LOG_HEADER] + [",".join(f"{value:.6g}" for value in row) for row in self.rows]
-        atomic_write(self.out / "log.csv", "\n".join(lines).encode() + b"\n")
-        self.saved_step = step
+        atomic_write(self.out / "log.csv", ("\n".join(lines) + "\n").encode())
 
     def finish(self, step, losses):
         """Save the last checkpoint; say how to continue if a signal stopped the run."""
         self.save(step, losses)
         if self.stop_requested:
             command = "torchrun ... llama.py" if self.world_size > 1 else "python llama.py"
-            print(f"\nstopped by signal {self.signal_number or 'elsewhere'} after step {step}; saved {self.ckpt_path}; "
-                  f"continue with: {command} train --resume --out {self.cfg.out}")
+            print(f"\nstopped by signal {self.signal_number or 'in another process'} after step "
+                  f"{step}; saved {self.ckpt_path}; continue with: {command} train --resume "
+                  f"--out {self.cfg.out}")
             return
         total = time.time() - self.started
-        print(f"saved {self.ckpt_path} | {total:.0f}s | peak memory {peak_memory_mib(self.device):,.0f} MiB")
+        share = 100 * self.validation_seconds / max(1e-9, total)
+        print(f"saved {self.ckpt_path} | {total:.0f}s, {share:.0f}% of it validation logging | "
+              f"peak memory {peak_memory_mib(self.device):,.0f} MiB")
         if self.world_size > 1:
             self.compare_processes()
         if self.is_main:
@@ -1289,13 +1324,14 @@ class Run:
         if all(torch.equal(f, fingerprints[0]) for f in fingerprints):
             print(f"weights identical on all {self.world_size} processes")
         else:
-            print(f"warning: the weights differ between the {self.world_size} processes", file=sys.stderr)
+            print(f"warning: the weights differ between the {self.world_size} processes",
+                  file=sys.stderr)
 
 
 def plot_log(out):
     """out/loss.png from out/log.csv when matplotlib is installed (Colab has it); it is optional."""
     try:
-        from matplotlib.figure import Figure  # no pyplot: a notebook's plotting backend is left alone
+        from matplotlib.figure import Figure  # not pyplot: a notebook's plotting is left alone
     except ImportError:
         return
     rows = np.loadtxt(out / "log.csv", delimiter=",", skiprows=1, ndmin=2)
@@ -1310,16 +1346,16 @@ def plot_log(out):
 
 
 # -----------------------------------------------------------------------------
-# Compiled decoding and bench
-# Transformer.decode_step has the same shapes at every position, so torch.compile turns it into one
-# graph for all of them. On CUDA, mode "reduce-overhead" also records that graph as a CUDA graph and
-# replays it: one launch per token instead of hundreds. bench measures what each of these gives.
+# Decoding: printing, compiling, bench
+# Transformer.decode_step has the same shapes at every position, so torch.compile turns it into
+# one graph for all of them. On CUDA, mode "reduce-overhead" also records that graph as a CUDA
+# graph and replays it: one launch per token instead of hundreds. bench measures what each gives.
 
 
 class TextStream:
-    """Prints what each new token adds to the decoded text. Decoding the recent tokens together, not
-    one piece alone, keeps the spaces that Llama's tokenizer drops at a text's start, and waits for
-    the rest of a character that is split over several byte pieces."""
+    """Prints what each new token adds to the decoded text. Decoding the recent tokens together,
+    not each piece alone, keeps the spaces that Llama's tokenizer drops at the start of a text,
+    and waits for the rest of a character split over several byte pieces."""
 
     def __init__(self, tok, prompt_ids):
         self.tok = tok
@@ -1342,20 +1378,21 @@ class TextStream:
 
 
 def compile_decoding(model):
-    """Replace model.decode_step by its compiled form: one graph for every position. On the CPU the
-    graph is called through generated C++ (cpp_wrapper), skipping most of Python's cost per call."""
+    """Replace model.decode_step by its compiled form: one graph for every position. On the CPU
+    the graph is called through generated C++ (cpp_wrapper), skipping most of Python's cost."""
     quiet_compiler()
     if model.output.weight.device.type == "cuda":
-        model.decode_step = torch.compile(model.decode_step, fullgraph=True, mode="reduce-overhead")
+        compiled = torch.compile(model.decode_step, fullgraph=True, mode="reduce-overhead")
     else:
-        model.decode_step = torch.compile(model.decode_step, fullgraph=True, options={"cpp_wrapper": True})
+        compiled = torch.compile(model.decode_step, fullgraph=True, options={"cpp_wrapper": True})
+    model.decode_step = compiled  # `del model.decode_step` brings the eager step back
     return model
 
 
 def compile_training(model, optimizer):
-    """The model compiled for training (its forward and backward passes, fused); on the CPU, also
-    AdamW's step, whose many small per-parameter operations otherwise run one at a time (on CUDA it
-    is one fused kernel already)."""
+    """The model compiled for training, its forward and backward passes fused. On the CPU AdamW's
+    step too, whose many small operations per parameter otherwise run one at a time (on CUDA it
+    is a single fused kernel already)."""
     quiet_compiler()
     if next(model.parameters()).device.type == "cuda":
         return torch.compile(model)
@@ -1365,16 +1402,18 @@ def compile_training(model, optimizer):
 
 def quiet_compiler():
     """Silence what torch.compile says about this model that need not worry a user: the complex
-    numbers of the rotary embeddings run outside its generated code, and the optimizer's profiler
-    marks are dropped."""
-    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    numbers of the rotary embeddings run outside its generated code, and the optimizer's
+    profiler marks are dropped."""
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation")
     logging.getLogger("torch._dynamo.variables.ctx_manager").setLevel(logging.ERROR)
 
 
 def count_parameters(args):
-    """The model's parameters, counted from its shape (for memory estimates, before allocating any)."""
+    """The model's parameters, counted from its shape, before any is allocated."""
     kv_dim = args.n_kv_heads * args.head_dim
-    per_layer = 2 * args.dim * args.dim + 2 * args.dim * kv_dim + 3 * args.dim * args.hidden_dim + 2 * args.dim
+    attention = 2 * args.dim * args.dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
+    feed_forward = 3 * args.dim * args.hidden_dim  # w1, w2, w3
+    per_layer = attention + feed_forward + 2 * args.dim  # and the two norms' gains
     return 2 * args.vocab_size * args.dim + args.n_layers * per_layer + args.dim
 
 
@@ -1384,12 +1423,12 @@ def synchronize(device):
 
 
 def time_training(cfg, device, steps, warmup, compiled):
-    """Training tokens/s on random tokens, and the seconds the first step took (compiling, if compiled)."""
+    """Training tokens/s on random tokens, and the seconds the first step took (compiling)."""
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model_args(cfg.vocab_size)).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     trained = compile_training(model, optimizer) if compiled else model
-    data = torch.randint(cfg.vocab_size, (max(100_000, 2 * cfg.context + 1),))  # speed ignores the text
+    data = torch.randint(cfg.vocab_size, (max(100_000, 2 * cfg.context + 1),))  # any text will do
     started = time.perf_counter()
     for i in range(1 + warmup + steps):
         if i == 1:
@@ -1405,7 +1444,7 @@ def time_training(cfg, device, steps, warmup, compiled):
 
 
 def time_decoding(model, new_tokens, use_cache, repeats=2):
-    """Greedy decoding tokens/s from one token (the best of repeats runs), and the tokens."""
+    """Greedy decoding tokens/s from one token, the best of repeats runs, and the tokens."""
     device = model.output.weight.device
     start = torch.zeros(1, 1, dtype=torch.long, device=device)
     best = 0.0
@@ -1418,22 +1457,24 @@ def time_decoding(model, new_tokens, use_cache, repeats=2):
 
 
 def bench(cfg, new_tokens=512, steps=50, warmup=10):
-    """Training tokens/s and model FLOP/s (as PaLM counts them); decoding tokens/s with the KV cache and
-    without; with cfg.compile, the same compiled, and the time compiling took."""
+    """Training tokens/s and model FLOP/s (as PaLM counts them); decoding tokens/s with the KV
+    cache and without; with cfg.compile, both compiled too, and the time compiling took."""
     device = pick_device(cfg.device)
     print(f"device {device} | {torch.get_num_threads()} threads | torch {torch.__version__}")
     train_speed, _, model = time_training(cfg, device, steps, warmup, compiled=False)
     args = model.args
-    weights = sum(p.numel() for p in model.parameters() if p.dim() == 2) - model.tok_embeddings.weight.numel()
-    # per token: 6 FLOPs per weight (2 forward, 4 backward), and the attention scores and their use
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    weights = matrices - model.tok_embeddings.weight.numel()  # a lookup, not a product
+    # per token: 6 FLOPs per weight (2 forward, 4 backward), and the attention scores and sums
     flops = 6 * weights + 12 * args.n_layers * cfg.context * args.dim
-    print(f"train  {train_speed:10,.0f} tokens/s eager (batch {cfg.batch_size} x context {cfg.context}, "
-          f"{steps} steps after {warmup} of warm-up): {flops * train_speed / 1e12:.3g} TFLOP/s")
+    print(f"train  {train_speed:10,.0f} tokens/s eager (batch {cfg.batch_size} x context "
+          f"{cfg.context}, {steps} steps after {warmup} of warm-up): "
+          f"{flops * train_speed / 1e12:.3g} TFLOP/s")
     result = {"train_tok_s": train_speed}
     if cfg.compile:
         speed, compiling, _ = time_training(cfg, device, steps, warmup, compiled=True)
         print(f"train  {speed:10,.0f} tokens/s compiled: {speed / train_speed:.2f}x eager, "
-              f"{flops * speed / 1e12:.3g} TFLOP/s (compiling took {compiling:.1f} s)")
+              f"{flops * speed / 1e12:.3g} TFLOP/s (its first step took {compiling:.1f} s)")
         result["compiled_train_tok_s"] = speed
     # decoding: the same shape, with a context that holds the whole generation
     decode_args = ModelArgs(**{**asdict(args), "max_seq_len": max(new_tokens + 1, cfg.context)})
@@ -1441,8 +1482,8 @@ def bench(cfg, new_tokens=512, steps=50, warmup=10):
     cached, cached_tokens = time_decoding(decoder, new_tokens, use_cache=True)
     recomputed, recomputed_tokens = time_decoding(decoder, new_tokens, use_cache=False)
     same = torch.equal(cached_tokens, recomputed_tokens)
-    print(f"decode {cached:10,.0f} tokens/s with the KV cache, {recomputed:,.0f} recomputing ({new_tokens} "
-          f"greedy tokens, batch 1): {cached / recomputed:.1f}x; same tokens: {same}")
+    print(f"decode {cached:10,.0f} tokens/s with the KV cache, {recomputed:,.0f} recomputing "
+          f"({new_tokens} greedy tokens, batch 1): {cached / recomputed:.1f}x; same tokens: {same}")
     result.update(decode_tok_s=cached, recompute_tok_s=recomputed)
     if cfg.compile:
         compile_decoding(decoder)
@@ -1451,19 +1492,20 @@ def bench(cfg, new_tokens=512, steps=50, warmup=10):
         compiling = time.perf_counter() - started
         speed, compiled_tokens = time_decoding(decoder, new_tokens, use_cache=True)
         same = torch.equal(cached_tokens, compiled_tokens)
-        print(f"decode {speed:10,.0f} tokens/s compiled: {speed / cached:.2f}x eager with the cache; "
-              f"same tokens: {same} (compiling took {compiling:.1f} s)")
+        print(f"decode {speed:10,.0f} tokens/s compiled: {speed / cached:.2f}x eager with the "
+              f"cache; same tokens: {same} (compiling took {compiling:.1f} s)")
         result["compiled_decode_tok_s"] = speed
-    print(f"peak memory {peak_memory_mib(device):,.0f} MiB ({'GPU' if device.type == 'cuda' else 'resident'})")
+    where = "GPU" if device.type == "cuda" else "resident"
+    print(f"peak memory {peak_memory_mib(device):,.0f} MiB ({where})")
     return result
 
 
 # -----------------------------------------------------------------------------
 # Meta's checkpoint layout
-# What Meta's llama repository reads and writes, and with it llama.cpp's, llama2.c's and Hugging Face's
-# converters: params.json, the weights in consolidated.NN.pth (one file per model-parallel rank), and
-# tokenizer.model. This file's parameter names and rotary convention are Meta's, so the tensors
-# load as they are.
+# What Meta's llama repository reads and writes, and with it the converters of llama.cpp,
+# llama2.c and Hugging Face: params.json, the weights in consolidated.NN.pth (a file per
+# model-parallel rank), and tokenizer.model. The parameter names and the rotary convention here
+# are Meta's, so the tensors load as they are.
 
 META_PARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                "ffn_dim_multiplier", "norm_eps", "rope_theta")
@@ -1474,10 +1516,11 @@ def export_meta(ckpt_path, folder):
     """Write the model of one of our checkpoints into folder in Meta's layout, weights only."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file: give a folder to --out")
-    others = [p.name for p in folder.glob("*") if p.name not in META_FILES] if folder.is_dir() else []
+        raise ValueError(f"{folder} is a file: give --out a folder")
+    others = sorted(p.name for p in folder.glob("*") if p.name not in META_FILES)
     if others:
-        raise ValueError(f"{folder} holds other files ({', '.join(sorted(others)[:3])}): export into a new folder")
+        raise ValueError(f"{folder} holds other files ({', '.join(others[:3])}): export into an "
+                         f"empty or new folder")
     model, tok = load_model(ckpt_path, torch.device("cpu"))
     params = {name: getattr(model.args, name) for name in META_PARAMS}
     atomic_write(folder / "params.json", json.dumps(params, indent=2).encode() + b"\n")
@@ -1487,43 +1530,45 @@ def export_meta(ckpt_path, folder):
 
 
 def read_meta_folder(folder, context):
-    """ModelArgs, weights and tokenizer from a folder in Meta's layout (ours, LLaMA 1 or Llama 2),
-    read the way Meta's llama/generation.py builds its model."""
+    """ModelArgs, weights and tokenizer from a folder in Meta's layout (ours, LLaMA 1 or
+    Llama 2), read as Meta's llama/generation.py builds its model."""
     for name in ("params.json", "tokenizer.model"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} has no {name}: a folder in Meta's layout holds params.json, "
-                                    f"consolidated.00.pth (and more shards) and tokenizer.model")
+            raise FileNotFoundError(f"{folder} has no {name}: a folder in Meta's layout holds "
+                                    f"params.json, consolidated.00.pth (and more shards) and "
+                                    f"tokenizer.model")
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"{folder} has no consolidated.00.pth: its weights are missing")
+    tokenizer_bytes = (folder / "tokenizer.model").read_bytes()
+    if re.match(rb"[A-Za-z0-9+/=]+ \d+\n", tokenizer_bytes):  # base64 tokens and their ranks
+        raise ValueError(f"{folder}/tokenizer.model is a tiktoken tokenizer (Llama 3's), which "
+                         f"this file does not read: it runs LLaMA 1 and Llama 2, whose "
+                         f"tokenizer is SentencePiece")
     try:
         params = json.loads((folder / "params.json").read_text())
-        tok = Tokenizer((folder / "tokenizer.model").read_bytes())
-    except (ValueError, RuntimeError) as e:
-        tiktoken = re.match(rb"[A-Za-z0-9+/=]+ \d+\n", (folder / "tokenizer.model").read_bytes()[:100])
-        if tiktoken:
-            raise ValueError(f"{folder}/tokenizer.model is a tiktoken tokenizer (Llama 3's), which this file "
-                             f"does not read: it runs LLaMA 1 and Llama 2, whose tokenizer is SentencePiece") from None
-        raise ValueError(f"{folder}: params.json or tokenizer.model cannot be read ({str(e)[:200]})") from None
-    vocab_size = params.get("vocab_size", -1)
-    try:
-        args = ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-                         n_kv_heads=params.get("n_kv_heads"),
-                         vocab_size=vocab_size if vocab_size > 0 else tok.vocab_size,  # -1: the tokenizer's
+        tok = Tokenizer(tokenizer_bytes)
+        vocab_size = params.get("vocab_size", -1)
+        args = ModelArgs(dim=params["dim"], n_layers=params["n_layers"],
+                         n_heads=params["n_heads"], n_kv_heads=params.get("n_kv_heads"),
+                         vocab_size=vocab_size if vocab_size > 0 else tok.vocab_size,  # -1
                          multiple_of=params.get("multiple_of", 256),
                          ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-                         norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
-                         max_seq_len=context)  # params.json has no context length: the flag gives it
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{folder}/params.json lacks or garbles a setting ({e})") from None
-    weights = [torch.load(shard, map_location="cpu", weights_only=True, mmap=True) for shard in shards]
+                         norm_eps=params.get("norm_eps", 1e-5),
+                         rope_theta=params.get("rope_theta", 10000.0),
+                         max_seq_len=context)  # params.json has no context length
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{folder}: params.json or tokenizer.model cannot be read "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    weights = [torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+               for shard in shards]
     return args, join_shards(weights), tok
 
 
 def join_shards(shards):
-    """One state dict from Meta's model-parallel shards. Meta's code split the embedding, wo and w2
-    along their input dimension (1), the other matrices along their output dimension (0), and copied
-    the norms' gains whole into every shard. Its rope.freqs is recomputed here, so it is dropped."""
+    """One state dict from Meta's model-parallel shards. Meta's code split the embedding, wo and
+    w2 along their input dimension (1), the other matrices along their output dimension (0),
+    and copied the norms' gains whole into every shard. rope.freqs is computed here: dropped."""
     joined = {}
     for name, first in shards[0].items():
         if name == "rope.freqs":
@@ -1538,13 +1583,14 @@ def join_shards(shards):
 
 # -----------------------------------------------------------------------------
 # Command line
-# main(argv) parses its own list, so that a notebook can call main(["train", "--steps", "200"]). The
-# flags are checked here, at the door, before any work starts: every mistake, a mistyped number
-# included, prints one line starting with "error:" and returns 1, without a traceback.
+# main(argv) parses its own list, so that a notebook can call main(["train", "--steps", "200"]).
+# The flags are checked here, at the door, before any work starts: every mistake, a mistyped
+# number included, prints one line starting with "error:" and returns 1, without a traceback.
 
 MAX_NEW_TOKENS = 1_000_000  # per sample: generate() keeps every token it makes
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RESUMABLE = ("steps", "log_interval", "data")  # the settings --resume may change; the rest are the run's
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+RESUMABLE = ("steps", "log_interval", "data")  # what --resume may change; the rest is the run's
 
 
 class UsageError(ValueError):
@@ -1567,8 +1613,10 @@ class Parser(argparse.ArgumentParser):
     """argparse, raising UsageError where it would print the usage and exit with status 2."""
 
     def error(self, message):
-        if "required: command" in message or "invalid choice" in message:
-            raise UsageError("give a command: train, sample, eval, bench or export (python llama.py --help)")
+        if message.startswith(("the following arguments are required: command",
+                               "argument command:")):
+            raise UsageError("give a command: train, sample, eval, bench or export "
+                             "(python llama.py --help)")
         raise UsageError(f"{message} (`python {self.prog} --help` lists the flags)")
 
     def exit(self, status=0, message=None):
@@ -1578,26 +1626,48 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_training_flags(p):
-    p.add_argument("--steps", type=int, default=EPOCHS, help="optimizer steps (EPOCHS: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sequences per step (%(default)s)")
-    p.add_argument("--context", type=int, default=CONTEXT_WINDOW, help="tokens per sequence (%(default)s)")
-    p.add_argument("--dim", type=int, default=DIM, help="width of the residual stream (%(default)s)")
-    p.add_argument("--layers", type=int, default=LAYERS, help="transformer blocks (%(default)s)")
-    p.add_argument("--heads", type=int, default=HEADS, help="query heads (%(default)s)")
-    p.add_argument("--kv-heads", type=int, default=KV_HEADS, help="key/value heads (%(default)s)")
-    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="tokenizer pieces (%(default)s)")
-    p.add_argument("--lr", type=float, default=LEARNING_RATE, help="peak learning rate (%(default)s)")
-    p.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="warmup steps (%(default)s)")
+    p.add_argument("--steps", type=int, default=EPOCHS,
+                   help="optimizer steps (EPOCHS, %(default)s)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="sequences per step (BATCH_SIZE, %(default)s)")
+    p.add_argument("--context", type=int, default=CONTEXT_WINDOW,
+                   help="tokens per sequence (CONTEXT_WINDOW, %(default)s)")
+    p.add_argument("--dim", type=int, default=DIM, help="residual stream width (DIM, %(default)s)")
+    p.add_argument("--layers", type=int, default=LAYERS, help="blocks (LAYERS, %(default)s)")
+    p.add_argument("--heads", type=int, default=HEADS, help="query heads (HEADS, %(default)s)")
+    p.add_argument("--kv-heads", type=int, default=KV_HEADS,
+                   help="key/value heads (KV_HEADS, %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
+                   help="tokenizer pieces (VOCAB_SIZE, %(default)s)")
+    p.add_argument("--lr", type=float, default=LEARNING_RATE,
+                   help="peak learning rate (LEARNING_RATE, %(default)s)")
+    p.add_argument("--warmup", type=int, default=WARMUP_STEPS,
+                   help="warmup steps (WARMUP_STEPS, %(default)s)")
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
-                   help="AdamW's decoupled weight decay on the weight matrices (%(default)s)")
+                   help="AdamW's weight decay on the weight matrices (WEIGHT_DECAY, %(default)s)")
     p.add_argument("--dropout", type=float, default=0.0,
-                   help="residual dropout while training; LLaMA uses none (%(default)s)")
-    p.add_argument("--log-interval", type=int, default=LOG_INTERVAL, help="steps per log line (%(default)s)")
+                   help="residual dropout while training; LLaMA has none (%(default)s)")
+    p.add_argument("--log-interval", type=int, default=LOG_INTERVAL,
+                   help="steps per log line (LOG_INTERVAL, %(default)s)")
 
 
 def add_common_flags(p):
-    p.add_argument("--seed", type=int, default=SEED, help="random seed (%(default)s)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N, mps, cpu, or auto: the first available")
+    p.add_argument("--seed", type=int, default=SEED, help="random seed (SEED, %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="cuda, cuda:N, mps, cpu, or auto: the first of them available")
+
+
+def add_sampling_flags(p):
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=500,
+                   help="tokens to generate (%(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (%(default)s)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k likeliest tokens only")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the likeliest tokens holding this much probability")
+    p.add_argument("--num-samples", type=int, default=1, help="samples (%(default)s)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step first")
 
 
 def add_checkpoint_flags(p):
@@ -1606,52 +1676,56 @@ def add_checkpoint_flags(p):
     p.add_argument("--context", type=int, default=None,
                    help="context length; default: the checkpoint's, 2048 for a Meta folder")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weights' dtype; auto: the checkpoint's on a GPU, float32 elsewhere")
+                   help="the weights' dtype; auto: the checkpoint's on a GPU, else float32")
 
 
 def build_parser():
-    parser = Parser(prog="llama.py", description=__doc__.strip().split("\n\n")[0], allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", metavar="command", required=True, parser_class=Parser)
+    parser = Parser(prog="llama.py", description=__doc__.strip().split("\n\n")[0],
+                    allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", metavar="command", required=True,
+                                     parser_class=Parser)
 
     train = commands.add_parser("train", help="train a model and evaluate it", allow_abbrev=False)
     add_training_flags(train)
     add_common_flags(train)
-    train.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare, input.txt)")
-    train.add_argument("--out", default=OUT_DIR, help="output folder (%(default)s)")
-    train.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: at the end)")
+    train.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
+    train.add_argument("--out", default=OUT_DIR, help="output folder (OUT_DIR, %(default)s)")
+    train.add_argument("--save-every", type=int, default=0,
+                       help="also save every N steps (default 0: at the end only)")
     train.add_argument("--resume", action="store_true", help="continue the run saved in OUT")
-    train.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+    train.add_argument("--overwrite", action="store_true", help="replace the run saved in OUT")
     train.add_argument("--compile", action="store_true", help="torch.compile the training step")
 
-    sample = commands.add_parser("sample", help="generate text from a checkpoint", allow_abbrev=False)
+    sample = commands.add_parser("sample", help="generate text from a checkpoint",
+                                 allow_abbrev=False)
     add_checkpoint_flags(sample)
     add_common_flags(sample)
-    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    sample.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (%(default)s)")
-    sample.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (%(default)s)")
-    sample.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only")
-    sample.add_argument("--top-p", type=float, default=None,
-                        help="sample from the likeliest tokens holding this much probability only")
-    sample.add_argument("--num-samples", type=int, default=1, help="samples (%(default)s)")
-    sample.add_argument("--compile", action="store_true", help="compile the decode step first")
+    add_sampling_flags(sample)
 
-    evaluate_ = commands.add_parser("eval", help="evaluate a checkpoint on val and test", allow_abbrev=False)
-    add_checkpoint_flags(evaluate_)
-    add_common_flags(evaluate_)
-    evaluate_.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
-    evaluate_.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                           help="windows per batch, times 16 (%(default)s)")
+    evaluation = commands.add_parser("eval", help="evaluate a checkpoint on val and test",
+                                     allow_abbrev=False)
+    add_checkpoint_flags(evaluation)
+    add_common_flags(evaluation)
+    evaluation.add_argument("--data", default=None,
+                            help="a UTF-8 text file (default: Tiny Shakespeare)")
+    evaluation.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                            help="windows per batch, times 16 (%(default)s)")
 
-    bench_ = commands.add_parser("bench", help="training and decoding tokens/s", allow_abbrev=False)
-    add_training_flags(bench_)
-    add_common_flags(bench_)
-    bench_.add_argument("--new-tokens", type=int, default=512, help="tokens decoded (%(default)s)")
-    bench_.add_argument("--bench-steps", type=int, default=50, help="timed training steps (%(default)s)")
-    bench_.add_argument("--bench-warmup", type=int, default=10, help="untimed steps before them (%(default)s)")
-    bench_.add_argument("--compile", action="store_true", help="also time the compiled step and decoding")
+    speed = commands.add_parser("bench", help="training and decoding tokens/s", allow_abbrev=False)
+    add_training_flags(speed)
+    add_common_flags(speed)
+    speed.add_argument("--new-tokens", type=int, default=512, help="tokens decoded (%(default)s)")
+    speed.add_argument("--bench-steps", type=int, default=50,
+                       help="timed training steps (%(default)s)")
+    speed.add_argument("--bench-warmup", type=int, default=10,
+                       help="untimed steps before them (%(default)s)")
+    speed.add_argument("--compile", action="store_true",
+                       help="also time the compiled training step and decoding")
 
-    export = commands.add_parser("export", help="write a checkpoint in Meta's layout", allow_abbrev=False)
-    export.add_argument("--ckpt", default=str(Path(OUT_DIR) / "ckpt.pt"), help="checkpoint (%(default)s)")
+    export = commands.add_parser("export", help="write a checkpoint in Meta's layout",
+                                 allow_abbrev=False)
+    export.add_argument("--ckpt", default=str(Path(OUT_DIR) / "ckpt.pt"),
+                        help="our checkpoint (%(default)s)")
     export.add_argument("--out", required=True, help="the folder to write")
     return parser
 
@@ -1672,7 +1746,8 @@ def check_seed(args):
 
 
 def check_training_flags(args):
-    for name in ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads", "log_interval"):
+    for name in ("steps", "batch_size", "context", "dim", "layers", "heads", "kv_heads",
+                 "log_interval"):
         check_at_least(args, name, 1)
     check_at_least(args, "vocab_size", 2)
     check_at_least(args, "warmup", 0)
@@ -1695,19 +1770,23 @@ def check_sample_flags(args):
     check_at_least(args, "num_samples", 1)
     check_seed(args)
     if args.max_new_tokens > MAX_NEW_TOKENS:
-        raise UsageError(f"--max-new-tokens must be at most {MAX_NEW_TOKENS:,}, got {args.max_new_tokens}")
+        raise UsageError(f"--max-new-tokens must be at most {MAX_NEW_TOKENS:,}, got "
+                         f"{args.max_new_tokens}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature must be 0 (greedy) or a positive number, got {args.temperature}")
+        raise UsageError(f"--temperature must be 0 (greedy) or a positive number, got "
+                         f"{args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.prompt == "":
-        raise UsageError('the prompt is empty: give at least one character, such as --prompt "\\n" (the default)')
+        raise UsageError('the prompt is empty: give at least one character, such as --prompt "\\n" '
+                         '(the default)')
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
-        raise UsageError(f"the prompt is not valid UTF-8 text (at character {e.start}): retype it") from None
+        raise UsageError(f"the prompt is not valid UTF-8 text (at character {e.start}): retype "
+                         f"it") from None
 
 
 def check_checkpoint_flags(args):
@@ -1715,67 +1794,73 @@ def check_checkpoint_flags(args):
         raise UsageError(f"--context must be between 1 and {MAX_CONTEXT:,}, got {args.context}")
 
 
+def device_memory(device):
+    """The device's memory in bytes: the GPU's, or the machine's; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
 def check_memory(cfg, device):
     """Refuse, before allocating anything, a run that cannot fit in the device's memory."""
     args = cfg.model_args(cfg.vocab_size)
     params = count_parameters(args)
     tokens = cfg.batch_size * cfg.context
+    # float32 weights, gradients and AdamW's two moments; the activations backward() keeps
     per_token = args.n_layers * (10 * args.dim + 4 * args.hidden_dim) + 4 * args.vocab_size
-    # weights, gradients and AdamW's two moments; the activations kept for backward(), in float32
     needed = 4 * (4 * params + tokens * per_token)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:
-        return
-    if needed > total:
-        raise ValueError(f"this run needs about {needed / 2**30:,.1f} GiB ({params:,} parameters with their "
-                         f"gradients and AdamW's state, and the activations of {tokens:,} tokens per "
-                         f"step), more than the {total / 2**30:,.1f} GiB of {device}: use a smaller "
-                         f"--batch-size, --context, --dim or --layers")
+    total = device_memory(device)
+    if total is not None and needed > total:
+        raise ValueError(f"this run needs about {needed / 2**30:,.1f} GiB ({params:,} parameters "
+                         f"with their gradients and AdamW's state, and the activations of "
+                         f"{tokens:,} tokens per step), more than the {total / 2**30:,.1f} GiB of "
+                         f"{device}: use a smaller --batch-size, --context, --dim or --layers")
 
 
 def train_config(args):
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    names = [f.name for f in fields(TrainConfig) if hasattr(args, f.name)]
+    return TrainConfig(**{name: getattr(args, name) for name in names})
 
 
 def resume_config(cfg, given):
-    """The settings of the run saved in cfg.out, with those that may change on --resume taken from
-    the command line; refuses the others. Returns (settings, checkpoint, sha256 of the text)."""
+    """The settings of the run saved in cfg.out, with those --resume may change taken from the
+    command line; the others are refused. Returns (settings, checkpoint, sha256 of the text)."""
     path = Path(cfg.out) / "ckpt.pt"
     ckpt = load_checkpoint(path, for_resume=True)
     saved = ckpt["config"]
     for key in TRAIN_KEYS:
         if key in given and key not in RESUMABLE and getattr(cfg, key) != saved[key]:
             raise UsageError(f"{flag(key)} cannot change when resuming: {path} was trained with "
-                             f"{flag(key)} {saved[key]}; drop the flag to continue that run, or train a new "
-                             f"one into another --out")
-    unchanged = {key: saved[key] for key in TRAIN_KEYS if key not in given}
-    cfg = dataclasses.replace(cfg, **unchanged)
+                             f"{flag(key)} {saved[key]}; drop the flag to continue that run, or "
+                             f"train a new one into another --out")
+    cfg = dataclasses.replace(cfg, **{key: saved[key] for key in TRAIN_KEYS if key not in given})
     step = ckpt["step"]
+    if cfg.steps <= step and "steps" in given:
+        raise UsageError(f"--steps {cfg.steps} is not past step {step}, where {path} stopped: "
+                         f"give more")
     if cfg.steps <= step:
-        if "steps" in given:
-            raise UsageError(f"--steps {cfg.steps} is not past step {step}, where {path} stopped: give more")
-        raise UsageError(f"{path} has finished its {step} steps: add --steps N, more than {step}, to train "
-                         f"it further")
+        raise UsageError(f"{path} has finished its {step} steps: add --steps N, more than "
+                         f"{step}, to train it further")
     data_sha256 = hashlib.sha256(get_text(cfg.data).encode()).hexdigest()
     if ckpt.get("data_sha256") not in (None, data_sha256):
-        raise UsageError(f"the text in {cfg.data or DATA_PATH} is not the one {path} was trained on: "
-                         f"give the same --data")
+        raise UsageError(f"the text in {cfg.data or DATA_PATH} is not the one {path} was "
+                         f"trained on: give the same --data")
     return cfg, ckpt, data_sha256
 
 
 def command_train(args, given):
-    cfg = train_config(args)
     check_training_flags(args)
+    check_at_least(args, "save_every", 0)
+    cfg = train_config(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly over {world_size} processes")
-    check_at_least(args, "save_every", 0)
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly over "
+                         f"{world_size} processes")
     if args.resume and args.overwrite:
-        raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one of them")
-    # rank 0 holds the folder from here on, so that no other run changes it while this one reads it
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one")
+    # rank 0 holds the folder from here on: no other run changes it while this one reads it
     lock = lock_folder(Path(cfg.out)) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
         if args.resume:
@@ -1783,7 +1868,7 @@ def command_train(args, given):
         else:
             checkpoint = None
             data_sha256 = hashlib.sha256(get_text(cfg.data).encode()).hexdigest()
-        run = Run(cfg, checkpoint, overwrite=args.overwrite, data_sha256=data_sha256, lock=lock)
+        run = Run(cfg, checkpoint, args.overwrite, data_sha256, lock)
         check_memory(cfg, run.device)
         result = train(cfg, run)  # releases the lock when it ends
     except KeyboardInterrupt:
@@ -1792,40 +1877,43 @@ def command_train(args, given):
         if lock is not None:
             lock.close()
     if result is None:
-        return 130  # stopped by a signal, checkpoint saved
+        return 130  # stopped by a signal, the checkpoint saved
     if run.is_main:
         model, tok, data = result
         try:
             report(model, tok, data, cfg.context, 16 * cfg.batch_size)
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted during the evaluation; {run.ckpt_path} is saved, and "
-                              f"`python llama.py eval --ckpt {run.ckpt_path}` evaluates it") from None
+            raise Interrupted(f"interrupted during the evaluation; {run.ckpt_path} is saved, "
+                              f"and `python llama.py eval --ckpt {run.ckpt_path}` evaluates "
+                              f"it") from None
     return 0
 
 
 def command_sample(args):
     check_sample_flags(args)
     check_checkpoint_flags(args)
-    model, tok = load_model(args.ckpt, pick_device(args.device), DTYPES[args.dtype], args.context)
+    device = pick_device(args.device)
+    model, tok = load_model(args.ckpt, device, DTYPES[args.dtype], args.context)
     unknown = tok.unknown_chars(args.prompt)
     if unknown:
-        raise UsageError(f"the prompt has characters the tokenizer never saw: {unknown!r}; remove or "
-                         f"replace them")
+        raise UsageError(f"the prompt has characters the tokenizer never saw: {unknown!r}; "
+                         f"remove or replace them")
     n_prompt = len(tok.encode(args.prompt))
     if n_prompt > model.args.max_seq_len:
-        print(f"(the prompt has {n_prompt} tokens; the model sees its last {model.args.max_seq_len})",
-              file=sys.stderr)
+        print(f"(the prompt has {n_prompt} tokens; the model sees its last "
+              f"{model.args.max_seq_len})", file=sys.stderr)
     if args.compile:
         compile_decoding(model)
-    sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-           args.seed, args.num_samples)
+    sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+           args.top_p, args.seed, args.num_samples)
     return 0
 
 
 def command_eval(args):
     check_at_least(args, "batch_size", 1)
     check_checkpoint_flags(args)
-    model, tok = load_model(args.ckpt, pick_device(args.device), DTYPES[args.dtype], args.context)
+    device = pick_device(args.device)
+    model, tok = load_model(args.ckpt, device, DTYPES[args.dtype], args.context)
     text = get_text(args.data)
     data = encode_splits(text, tok)
     check_splits(text, tok, data, model.args.max_seq_len)
@@ -1853,7 +1941,9 @@ def command_export(args):
 
 
 def is_out_of_memory(e):
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+    message = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in message or (
+        "out of memory" in message)
 
 
 def main(argv=None):
@@ -1873,9 +1963,9 @@ def main(argv=None):
         return command_export(args)
     except HelpShown as e:
         return e.status
-    except BrokenPipeError:  # the reader went away (sample | head): stop quietly, like other Unix tools
-        if sys.stdout is sys.__stdout__ and hasattr(sys.stdout, "fileno"):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+    except BrokenPipeError:  # the reader went away (sample | head): stop quietly, like Unix tools
+        if sys.stdout is sys.__stdout__:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing to flush
         return 141
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1889,10 +1979,11 @@ def main(argv=None):
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise
-        print(f"error: out of memory ({str(e).splitlines()[0][:120]}): use a smaller --batch-size, "
-              f"--context or model", file=sys.stderr)
+        first_line = str(e).splitlines()[0][:120]
+        print(f"error: out of memory ({first_line}): use a smaller --batch-size, --context or "
+              f"model", file=sys.stderr)
         return 1
 
 
-if __name__ == "__main__" and "__file__" in globals():  # a pasted notebook cell runs nothing: call main([...])
+if __name__ == "__main__" and "__file__" in globals():  # a pasted cell runs nothing: call main()
     sys.exit(main())

@@ -827,7 +827,7 @@ def test_user_errors_are_one_line(tmp_path, small_text, capsys):
                         (["train", "--seed", str(2**64)], "--seed must be between"),
                         (["train", "--dim", "10000000"], "GiB"),
                         (["train", "--batch-size", "1000000000000"], "GiB"),
-                        (["train", "--resume", "--overwrite"], "give one of them"),
+                        (["train", "--resume", "--overwrite"], "--overwrite replaces it: give one"),
                         (["train", "--vocab-size", "20", "--data", small_text, "--out", tmp_path / "v"],
                          "--vocab-size 20 is too small"),
                         (["train", "--data", tmp_path / "ten.txt", "--out", tmp_path / "t"],
