@@ -1168,7 +1168,7 @@ class Run:
             raise
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type=None, *exc):
         for signum, handler in self.old_handlers.items():
             signal.signal(signum, handler)
         if self.lock is not None:
@@ -1176,7 +1176,10 @@ class Run:
         if self.real_stdout is not None:
             sys.stdout.close()
             sys.stdout = self.real_stdout
-        if self.world_size > 1 and dist.is_initialized():
+        # processes leave the group together, after a barrier: one that tears it down while
+        # another still uses it can hang. After an error, torchrun ends them all instead.
+        if self.world_size > 1 and dist.is_initialized() and exc_type is None:
+            dist.barrier()
             dist.destroy_process_group()
         return False
 
