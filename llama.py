@@ -878,6 +878,16 @@ def tokenizer_error(e, vocab_size, n_chars):
     return f"SentencePiece cannot make {vocab_size} pieces from this text ({message.strip()[:200]})"
 
 
+def check_length(text, context):
+    """A text too short to split, refused before a tokenizer is trained on it."""
+    need = math.ceil((context + 1) / 0.15)  # a token is at least one character
+    if len(text) < need:
+        raise ValueError(f"the text is too short: {len(text):,} characters, and the validation "
+                         f"and test splits (15% each) need {context + 1} tokens each for a "
+                         f"{context}-token context: give a text of at least {need:,} characters "
+                         f"(many more to learn anything), or a smaller --context")
+
+
 def check_splits(text, tok, data, context):
     """Each split must hold a window and its targets. Characters the training split never has
     cannot be encoded: say so, since they make the evaluation's bits per character approximate."""
@@ -1870,7 +1880,9 @@ def command_train(args, given):
             cfg, checkpoint, data_sha256 = resume_config(cfg, given)
         else:
             checkpoint = None
-            data_sha256 = hashlib.sha256(get_text(cfg.data).encode()).hexdigest()
+            text = get_text(cfg.data)
+            check_length(text, cfg.context)
+            data_sha256 = hashlib.sha256(text.encode()).hexdigest()
         run = Run(cfg, checkpoint, args.overwrite, data_sha256, lock)
         check_memory(cfg, run.device)
         result = train(cfg, run)  # releases the lock when it ends

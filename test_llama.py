@@ -875,7 +875,7 @@ def test_user_errors_are_one_line(tmp_path, small_text, capsys):
                         (["train", "--vocab-size", "20", "--data", small_text, "--out",
                           tmp_path / "v"], "--vocab-size 20 is too small"),
                         (["train", "--data", tmp_path / "ten.txt", "--out", tmp_path / "t"],
-                         "from 7 characters of training text"),
+                         "the text is too short: 10 characters"),
                         (["train", "--data", tmp_path / "missing.txt"], "no data file"),
                         (["eval", "--batch-size", "0"], "--batch-size must be at least 1"),
                         (["eval", "--batch-size", "-1"], "--batch-size must be at least 1"),
