@@ -936,24 +936,24 @@ def test_resume_extends_a_run_and_refuses_what_cannot_change(run_copy, small_tex
 
 
 def test_interrupt_then_resume_matches_uninterrupted(tmp_path, small_text):
-    args = llama_command("train", *TINY, "--steps", "300", "--data", small_text)
+    args = llama_command("train", *TINY, "--steps", "200", "--data", small_text)
     whole = subprocess.run(args + ["--out", tmp_path / "a"], env=ENV, capture_output=True,
-                           text=True)
+                           text=True)  # in a process of its own, with one thread, as the other
     assert whole.returncode == 0, whole.stderr
     proc = subprocess.Popen(args + ["--out", tmp_path / "b"], env=ENV, stdout=subprocess.PIPE,
                             text=True)
-    wait_for_line(proc, "step    20/300")
+    wait_for_line(proc, "step    20/200")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "--resume" in out, out[-500:]
     stopped_at = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"]
-    assert 20 <= stopped_at < 300, stopped_at
+    assert 20 <= stopped_at < 200, stopped_at
     resumed = subprocess.run(llama_command("train", "--resume", "--out", tmp_path / "b"), env=ENV,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
-    assert b["step"] == 300
+    assert b["step"] == 200
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs, resumed at {stopped_at}"
 
