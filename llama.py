@@ -174,9 +174,11 @@ class Tokenizer:
 
 def get_tokenizer(train_text: str, vocab_size: int, cache_dir=None) -> Tokenizer:
     """Train a tokenizer once per (text, vocab size); later runs reuse the one in cache_dir."""
-    text_hash = hashlib.sha256(train_text.encode()).hexdigest()[:12]
-    path = Path(cache_dir or ".") / f"tokenizer-{vocab_size}-{text_hash}.model"
-    if cache_dir is not None and path.exists():
+    path = None
+    if cache_dir is not None:
+        text_hash = hashlib.sha256(train_text.encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"tokenizer-{vocab_size}-{text_hash}.model"
+    if path is not None and path.exists():
         try:
             return Tokenizer(path.read_bytes())
         except RuntimeError:  # a damaged file: train it again below
@@ -184,7 +186,7 @@ def get_tokenizer(train_text: str, vocab_size: int, cache_dir=None) -> Tokenizer
     print(f"training a {vocab_size}-piece BPE tokenizer on {len(train_text):,} characters ...",
           flush=True)
     tok = Tokenizer.train(train_text, vocab_size)
-    if cache_dir is not None:
+    if path is not None:
         atomic_write(path, tok.model_proto)  # Part II: a temporary file, renamed when complete
     return tok
 
@@ -287,9 +289,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # each token by its own RMS (the last dimension only), in float32 as Meta does
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # each token by its own RMS (the last dimension only), in float32 as Meta does. F.rms_norm
+        # is x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) in one call, not five
+        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -385,9 +387,13 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, freqs_cis, positions=None, mask=None):
         attended = self.attention(self.attention_norm(x), freqs_cis, positions, mask)
-        h = x + F.dropout(attended, self.dropout, self.training)
+        if self.training:
+            attended = F.dropout(attended, self.dropout)
+        h = x + attended
         fed_forward = self.feed_forward(self.ffn_norm(h))
-        return h + F.dropout(fed_forward, self.dropout, self.training)
+        if self.training:
+            fed_forward = F.dropout(fed_forward, self.dropout)
+        return h + fed_forward
 
 
 class Transformer(nn.Module):
@@ -426,8 +432,7 @@ class Transformer(nn.Module):
             # the query at positions[i] reads the cache slots up to it: 0 is added to their
             # scores, -inf to the later slots and to those not yet written
             slots = torch.arange(self.args.max_seq_len, device=idx.device)
-            mask = torch.zeros(T, self.args.max_seq_len, device=idx.device)
-            mask = mask.masked_fill(slots > positions[:, None], float("-inf"))  # (T, max_seq_len)
+            mask = torch.where(slots > positions[:, None], float("-inf"), 0.0)  # (T, max_seq_len)
         h = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, freqs_cis, positions, mask)
