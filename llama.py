@@ -760,6 +760,8 @@ def lock_folder(folder):
     """Hold folder/.lock until the returned file is closed; refuse if another process holds it.
     The operating system releases the lock when its process ends, however it ends: none is ever
     left stuck by a crash."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file: give a folder")
     folder.mkdir(parents=True, exist_ok=True)
     lock = open(folder / ".lock", "a+")
     try:
@@ -1035,6 +1037,21 @@ def check_resume_state(ckpt):
     optimizer = ckpt.get("optimizer")
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys():
         raise ValueError("its optimizer state is incomplete")
+    rows = ckpt.get("log", [])
+    if not isinstance(rows, list) or not all(isinstance(row, list) and len(row) == 8 and
+                                             all(is_number(v) for v in row) for row in rows):
+        raise ValueError("its log rows are not rows of 8 numbers")
+    if not isinstance(ckpt.get("data_sha256"), (str, type(None))):
+        raise ValueError("its text's sha256 is not a string")
+
+
+def check_optimizer_state(optimizer):
+    """AdamW's moments must have their parameters' shapes (load_state_dict does not check)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if name != "step" and (not torch.is_tensor(value) or value.shape != p.shape):
+                    raise ValueError(f"AdamW's {name} does not fit a weight of {tuple(p.shape)}")
 
 
 def weights_misfit(args, weights):
@@ -1219,7 +1236,8 @@ class Run:
             try:
                 optimizer.load_state_dict(self.checkpoint["optimizer"])
                 batches.set_state(self.checkpoint["rng"])
-            except (ValueError, RuntimeError, KeyError) as e:
+                check_optimizer_state(optimizer)
+            except (ValueError, RuntimeError, KeyError, TypeError) as e:
                 raise ValueError(f"{self.ckpt_path} cannot be resumed: its optimizer or random "
                                  f"state is damaged ({str(e)[:200]})") from None
             step = self.checkpoint["step"]
@@ -1550,6 +1568,9 @@ def export_meta(ckpt_path, folder):
 def read_meta_folder(folder, context):
     """ModelArgs, weights and tokenizer from a folder in Meta's layout (ours, LLaMA 1 or
     Llama 2), read as Meta's llama/generation.py builds its model."""
+    if (folder / "ckpt.pt").is_file() and not (folder / "params.json").is_file():
+        raise FileNotFoundError(f"{folder} is a folder: give the checkpoint in it, "
+                                f"--ckpt {folder / 'ckpt.pt'}")
     for name in ("params.json", "tokenizer.model"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}: a folder in Meta's layout holds "

@@ -549,6 +549,7 @@ RESUME_EDITS = [
     ("short random state", lambda c: c.update(rng=c["rng"][:100]), "random state is incomplete"),
     ("no optimizer", lambda c: c.update(optimizer={}), "optimizer state is incomplete"),
     ("fractional step", lambda c: c.update(step=2.5), "not a whole number"),
+    ("log of strings", lambda c: c.update(log=[["a"] * 8]), "rows of 8 numbers"),
 ]
 
 
@@ -558,6 +559,15 @@ def test_damaged_resume_state_is_refused(tmp_path, what, change, words):
     L.load_checkpoint(path)  # enough to sample from
     with pytest.raises(ValueError, match=words):
         L.load_checkpoint(path, for_resume=True)
+
+
+def test_adam_moments_of_the_wrong_shape_are_refused_on_resume(run_copy, capsys):
+    """load_state_dict takes AdamW's moments whatever their shape; the first step would fail."""
+    ckpt = torch.load(run_copy / "ckpt.pt", weights_only=True)
+    ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+    torch.save(ckpt, run_copy / "ckpt.pt")
+    assert L.main(["train", "--resume", "--steps", "40", "--out", run_copy]) == 1
+    one_line_error(capsys, "cannot be resumed: its optimizer or random state is damaged")
 
 
 class Evil:
@@ -883,6 +893,7 @@ def test_user_errors_are_one_line(tmp_path, small_text, capsys):
                         (["bench", "--bench-steps", "0"], "--bench-steps"),
                         (["bench", "--bench-warmup", "-1"], "--bench-warmup"),
                         (["sample", "--stepz", "3"], "unrecognized arguments"),
+                        (["train", "--out", small_text], "is a file: give a folder"),
                         ([], "give a command"), (["fly"], "give a command")]:
         assert L.main(args) == 1, args
         one_line_error(capsys, words)
@@ -1153,6 +1164,8 @@ def test_a_beginning_of_sequence_token_starts_the_prompt(tmp_path):
 
 def test_what_cannot_be_loaded_from_a_meta_folder_is_one_line(tmp_path, capsys):
     save_small_checkpoint(tmp_path / "ckpt.pt")
+    assert L.main(["sample", "--ckpt", tmp_path]) == 1
+    one_line_error(capsys, f"give the checkpoint in it, --ckpt {tmp_path / 'ckpt.pt'}")
     folder = tmp_path / "meta"
     L.export_meta(tmp_path / "ckpt.pt", folder)
     (folder / "consolidated.00.pth").rename(tmp_path / "weights.pth")
