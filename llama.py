@@ -468,6 +468,7 @@ class Transformer(nn.Module):
         same tokens, more slowly. on_token(token) is called with each new token (B, 1)."""
         window = idx[:, -self.args.max_seq_len:]  # (B, at most max_seq_len): what the model sees
         new_tokens = []
+        token = None  # the token sampled last, fed back at the next step
         cached = 0  # how many tokens of the window the cache holds
         if use_cache:
             self.setup_cache(idx.size(0))
