@@ -1004,7 +1004,7 @@ def check_checkpoint(ckpt, for_resume):
     weights = ckpt["model"]
     if not isinstance(weights, dict) or not all(torch.is_tensor(t) for t in weights.values()):
         raise ValueError("its weights are not a table of tensors")
-    misfit = weights_misfit(args, weights)
+    misfit = weights_misfit(meta_model(args), weights)
     if misfit:
         raise ValueError(f"its weights do not fit its model_args: {misfit}")
     for name, tensor in weights.items():
@@ -1055,10 +1055,15 @@ def check_optimizer_state(optimizer):
                     raise ValueError(f"AdamW's {name} does not fit a weight of {tuple(p.shape)}")
 
 
-def weights_misfit(args, weights):
-    """What keeps weights from loading into a model shaped by args, in a few words; else None."""
-    with torch.device("meta"):  # the names and shapes the weights must have, none allocated
-        expected = Transformer(args).state_dict()
+def meta_model(args):
+    """A Transformer on the meta device: its weights' names and shapes, none allocated."""
+    with torch.device("meta"):
+        return Transformer(args)
+
+
+def weights_misfit(model, weights):
+    """What keeps weights from loading into model, in a few words; None if nothing."""
+    expected = model.state_dict()
     missing = sorted(expected.keys() - weights.keys())
     if missing:
         more = f", and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -1095,12 +1100,11 @@ def build_model(args, weights, device, dtype=None):
     dtype None: the checkpoint's own dtype on a GPU, float32 elsewhere."""
     if dtype is None:
         dtype = next(iter(weights.values())).dtype if device.type == "cuda" else torch.float32
-    misfit = weights_misfit(args, weights)
+    model = meta_model(args)
+    misfit = weights_misfit(model, weights)
     if misfit:
         raise ValueError(f"the weights do not fit the model's settings: {misfit}")
     weights = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
-    with torch.device("meta"):
-        model = Transformer(args)
     model.load_state_dict(weights, assign=True)
     # the rotary table is not a weight: compute it for real (it was made on the meta device)
     freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta)
@@ -1140,6 +1144,12 @@ def pick_device(name="auto", local_rank=None):
     return device
 
 
+def torchrun_process():
+    """(rank, world size, local rank) as torchrun sets them; a plain `python llama.py` is 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def peak_memory_mib(device):
     """The most memory this process has held so far: allocated on the GPU, else resident."""
     if device.type == "cuda":
@@ -1165,12 +1175,9 @@ class Run:
         self.checkpoint = checkpoint
         self.overwrite = overwrite
         self.data_sha256 = data_sha256
-        # torchrun sets these; a plain `python llama.py train` is rank 0 of 1
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.world_size, local_rank = torchrun_process()
         self.is_main = self.rank == 0
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.world_size > 1 else None
-        self.device = pick_device(cfg.device, local_rank)
+        self.device = pick_device(cfg.device, local_rank if self.world_size > 1 else None)
         self.cache_dir = self.out if self.is_main else None  # only rank 0 writes files
         self.rows = list(checkpoint.get("log", [])) if checkpoint else []
         self.lock = lock  # the folder's lock, if the caller took it already
@@ -1894,14 +1901,14 @@ def command_train(args, given):
     check_training_flags(args)
     check_at_least(args, "save_every", 0)
     cfg = train_config(args)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size, _ = torchrun_process()
     if cfg.batch_size % world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly over "
                          f"{world_size} processes")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one")
     # rank 0 holds the folder from here on: no other run changes it while this one reads it
-    lock = lock_folder(Path(cfg.out)) if int(os.environ.get("RANK", "0")) == 0 else None
+    lock = lock_folder(Path(cfg.out)) if rank == 0 else None
     try:
         if args.resume:
             cfg, checkpoint, data_sha256 = resume_config(cfg, given)
