@@ -389,11 +389,14 @@ class Transformer(nn.Module):
         cos, sin = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("freqs_cos", cos[:, None, :], persistent=False)  # (T, 1, hd/2)
         self.register_buffer("freqs_sin", sin[:, None, :], persistent=False)
-        # GPT-2's init: small normal weights, smaller with depth where they write the residual
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2's init: small normal weights, smaller with depth where they write the residual."""
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 deep = name.endswith(("wo.weight", "w2.weight"))
-                std = 0.02 / math.sqrt(2 * args.n_layers) if deep else 0.02
+                std = 0.02 / math.sqrt(2 * self.args.n_layers) if deep else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx, targets=None, positions=None):
@@ -865,17 +868,22 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise ValueError(f"{message} (`python {self.prog} --help` lists the flags)")
 
+def add_config_flags(parser):
+    for f in fields(TrainConfig):  # a flag not given is left out: --resume tells it from a default
+        parser.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["type"],
+                            default=argparse.SUPPRESS, help=f"{f.metadata['help']}; {f.default}")
+
 def build_parser():
     parser = Parser(prog="llama.py", description=__doc__.split("\n\n")[1], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     train = commands.add_parser("train", help="train a model and evaluate it", allow_abbrev=False)
-    for f in fields(TrainConfig):  # a flag not given is left out: --resume tells it from a default
-        train.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["type"],
-                           default=argparse.SUPPRESS, help=f"{f.metadata['help']}; {f.default}")
+    train.set_defaults(run=command_train)
+    add_config_flags(train)
     train.add_argument("--out", default=OUT_DIR, help="output folder (OUT_DIR, %(default)s)")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     train.add_argument("--overwrite", action="store_true", help="replace the run saved in --out")
     sample = commands.add_parser("sample", help="generate text", allow_abbrev=False)
+    sample.set_defaults(run=command_sample)
     sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     sample.add_argument("--max-new-tokens", type=number(int, 0, 10**6), default=500)
     sample.add_argument("--temperature", type=number(float, 0), default=0.8, help="0 is greedy")
@@ -885,6 +893,7 @@ def build_parser():
     sample.add_argument("--num-samples", type=number(int, 1), default=1)
     sample.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=SEED)
     evaluation = commands.add_parser("eval", help="evaluate on val and test", allow_abbrev=False)
+    evaluation.set_defaults(run=command_eval)
     evaluation.add_argument("--data", help="a UTF-8 text file (default: Tiny Shakespeare)")
     evaluation.add_argument("--batch-size", type=number(int, 1), default=BATCH_SIZE,
                             help="windows per batch, times 16 (%(default)s)")
@@ -931,23 +940,26 @@ def command_train(args):
         report(*result, cfg.context, 16 * cfg.batch_size)
     return 0
 
-def main(argv=None):
-    """The command line; returns the exit status. In a notebook: main(["train", "--steps", "200"])."""
+def command_sample(args):
+    model, tok = load_model(args.ckpt, pick_device(args.device), DTYPES[args.dtype], args.context)
+    if args.compile:
+        compile_decoding(model)
+    sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+           args.seed, args.num_samples)
+    return 0
+
+def command_eval(args):
+    model, tok = load_model(args.ckpt, pick_device(args.device), DTYPES[args.dtype], args.context)
+    data = encode_splits(split_text(get_text(args.data)), tok, model.args.max_seq_len)
+    report(model, tok, data, model.args.max_seq_len, 16 * args.batch_size)
+    return 0
+
+def main(argv=None, parser=None):
+    """Parse argv with parser (llama.py's own by default) and run the command; returns the exit
+    status. In a notebook: main(["train", "--steps", "200"]). tools/ scripts pass their parser."""
     try:
-        args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
-        if args.command == "train":
-            return command_train(args)
-        device = pick_device(args.device)
-        model, tok = load_model(args.ckpt, device, DTYPES[args.dtype], args.context)
-        if args.command == "sample":
-            if args.compile:
-                compile_decoding(model)
-            sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                   args.top_p, args.seed, args.num_samples)
-        else:
-            data = encode_splits(split_text(get_text(args.data)), tok, model.args.max_seq_len)
-            report(model, tok, data, model.args.max_seq_len, 16 * args.batch_size)
-        return 0
+        args = (parser or build_parser()).parse_args(None if argv is None else map(str, argv))
+        return args.run(args)
     except SystemExit as e:  # --help: a notebook cell gets the status, not an exit
         return e.code
     except BrokenPipeError:  # the reader went away (sample | head): stop quietly, like Unix tools
