@@ -159,11 +159,10 @@ class Tokenizer:
         return 0 if self.sp.is_control(i) else len(self.sp.id_to_piece(i))
 
     def encode(self, text: str) -> list:
-        if self.mark_id is None:
-            return self.sp.encode(text)
-        ids = []
-        for i, part in enumerate(text.split(MARK)):  # the mark's id between the parts around it
-            ids += [self.mark_id] * (i > 0) + self.sp.encode(part)
+        parts = [text] if self.mark_id is None else text.split(MARK)
+        ids = self.sp.encode(parts[0])
+        for part in parts[1:]:  # the mark's id between the parts around it
+            ids += [self.mark_id] + self.sp.encode(part)
         return ids
 
     def decode(self, ids: list) -> str:
@@ -253,7 +252,7 @@ class ModelArgs:
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:  # bool is no size
                 raise ValueError(f"{name} must be a whole number, at least 1: {getattr(self, name)!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
@@ -453,14 +452,12 @@ class Transformer(nn.Module):
             if window.size(1) > self.args.max_seq_len:  # full: keep the most recent half
                 window = window[:, -max(1, self.args.max_seq_len // 2):]
                 cached = 0
-            if not use_cache:
-                logits = self(window)[0][:, -1]  # every position, every step
-            elif cached == 0:  # the prompt, or a refill: all of the window at once
-                positions = torch.arange(window.size(1), device=idx.device)
-                logits = self(window, positions=positions)[0][:, -1]
-            else:  # the token sampled last, alone
+            if use_cache and cached:  # the token sampled last, alone
                 position = torch.full((1,), window.size(1) - 1, device=idx.device)
                 logits = self.decode_step(token, position)
+            else:  # all of the window: the prompt, a refill, or every step without the cache
+                positions = torch.arange(window.size(1), device=idx.device) if use_cache else None
+                logits = self(window, positions=positions)[0][:, -1]
             cached = window.size(1)
             token = sample_next(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
             window = torch.cat([window, token], dim=1)
@@ -530,6 +527,16 @@ class TrainConfig:
     seed: int = setting(SEED, number(int, 0, 2**63 - 1), "random seed (SEED)")
     data: str = setting(None, str, "a UTF-8 text file; default: Tiny Shakespeare")
 
+    def __post_init__(self):  # a setting read from a checkpoint meets its flag's bounds too
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                if value is not None and f.metadata["type"](str(value)) != value:
+                    raise ValueError(f"{value!r} is not a {f.type.__name__}")
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise ValueError(f"--{f.name.replace('_', '-')}: {e}") from None
+        self.model_args(self.vocab_size)  # and ModelArgs checks the model's shape
+
     def model_args(self, vocab_size):
         return ModelArgs(dim=self.dim, n_layers=self.layers, n_heads=self.heads,
                          n_kv_heads=self.kv_heads, vocab_size=vocab_size, max_seq_len=self.context,
@@ -570,9 +577,6 @@ def train_step(model, optimizer, x, y, lr):
     optimizer.step()
     return loss.detach()
 
-def sha256(text):
-    return hashlib.sha256(text.encode()).hexdigest()
-
 def step_seed(*numbers):
     """A seed of its own for each (seed, step, process): the dropout masks differ from process to
     process, and a step draws the same ones whether or not the run was resumed."""
@@ -611,8 +615,11 @@ def save_checkpoint(out, model, optimizer, run):
     ckpt = {"model": model.state_dict(), "model_args": asdict(model.args),
             "optimizer": optimizer.state_dict(), **run}
     atomic_write(out / "ckpt.pt", lambda f: torch.save(ckpt, f))
-    rows = ["step,train_loss,val_loss,lr"] + [",".join(f"{v:.6g}" for v in row) for row in run["log"]]
+    rows = ["step,train_loss,val_loss,lr"] + [",".join(f"{v:.10g}" for v in row) for row in run["log"]]
     atomic_write(out / "log.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()))
+
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                if hasattr(signal, name)]  # Ctrl-C, kill, a closed terminal; Windows has no HUP
 
 def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, overwrite=False):
     """Train a LLaMA as cfg says, into out/ckpt.pt and out/log.csv; checkpoint (from load_file)
@@ -626,18 +633,21 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, over
     out.mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=out).close()  # better to learn now than after training: writable?
     text = get_text(cfg.data)
+    data_sha256 = hashlib.sha256(text.encode()).hexdigest()  # what --resume checks the text by
     splits = split_text(text)
     check_length(splits, cfg.context, "characters")
     with reading(out / "ckpt.pt"):
         tok = Tokenizer(checkpoint["tokenizer"]) if checkpoint else None
+        same_text = not checkpoint or checkpoint["data_sha256"] == data_sha256
+    if not same_text:
+        raise ValueError(f"{cfg.data or DATA_PATH} is not the text {out}/ckpt.pt was trained on")
     tok = tok or Tokenizer.train(splits["train"], cfg.vocab_size)
     data = encode_splits(splits, tok, cfg.context)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = Transformer(cfg.model_args(tok.vocab_size)).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    # the checkpoint's contents besides the weights; --resume checks the text by its sha256
     run = {"config": asdict(cfg), "tokenizer": tok.model_proto, "step": 0, "log": [],
-           "data_sha256": sha256(text)}
+           "data_sha256": data_sha256}  # all that the checkpoint holds besides the weights
     batches = torch.Generator().manual_seed(cfg.seed)  # draws the training batches, alike everywhere
     if checkpoint:
         with reading(out / "ckpt.pt"):
@@ -649,68 +659,65 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, over
           f"training tokens | from step {run['step']} | {device} x {world_size}", flush=True)
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # 1 once told to stop, in any process; on the CPU alone, reading it never waits for a GPU
+    stop = torch.zeros(1, device=device if world_size > 1 else "cpu")
+    old_handlers = [signal.signal(s, lambda signum, frame: stop.fill_(1)) for s in STOP_SIGNALS]
     try:
-        train_loop(cfg, model, optimizer, data, out, compiled, run, batches)
+        train_loop(cfg, model, optimizer, data, out, compiled, run, batches, stop)
     finally:
+        for s, handler in zip(STOP_SIGNALS, old_handlers):
+            signal.signal(s, handler)
         if world_size > 1:
             dist.destroy_process_group()
     return (model, tok, data) if run["step"] == cfg.steps else None
 
-STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
-                if hasattr(signal, name)]  # Ctrl-C, kill, a closed terminal; Windows has no HUP
-
-def train_loop(cfg, model, optimizer, data, out, compiled, run, batches):
+def train_loop(cfg, model, optimizer, data, out, compiled, run, batches, stop):
     """The steps from run["step"] to cfg.steps, a log line every cfg.log_interval, and the saves.
-    A STOP_SIGNAL, or a standard output that fails, ends it after the step in progress, saved."""
+    stop, set by a STOP_SIGNAL or a failing standard output, ends it after the step, saved."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = model.output.weight.device
     trained = model  # what the loop calls: the model, or its parallel or compiled form
     if world_size > 1:  # DistributedDataParallel averages the gradients of all processes
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
+        gpu = [device.index] if device.type == "cuda" else None  # None for gloo on the CPU
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=gpu)
     trained = torch.compile(trained) if compiled else trained
     # the same validation windows at every log line: the curve shows the model, not the draw
     val_x, val_y = get_batch(data["val"], EVAL_BATCHES * cfg.batch_size, cfg.context,
                              torch.Generator().manual_seed(0))
-    # 1 once told to stop, in any process; on the CPU alone, reading it never waits for a GPU
-    stop = torch.zeros(1, device=device if world_size > 1 else "cpu")
-    old_handlers = [signal.signal(s, lambda signum, frame: stop.fill_(1)) for s in STOP_SIGNALS]
     losses = []
-    try:
-        while run["step"] < cfg.steps:
-            step = run["step"]
-            # the same batch in every process; each trains on its own share of it
-            x, y = get_batch(data["train"], cfg.batch_size, cfg.context, batches)
-            x = x.chunk(world_size)[rank].to(device)
-            y = y.chunk(world_size)[rank].to(device)
-            torch.manual_seed(step_seed(cfg.seed, step, rank))  # each process its own dropout
-            losses.append(train_step(trained, optimizer, x, y, lr_at(step, cfg)))
-            step += 1
-            run["step"] = step
-            if world_size > 1:  # every process stops after the same step
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if step % cfg.log_interval == 0 or step == cfg.steps:
-                train_loss = mean_loss(losses, step)
-                val_loss = evaluate(model, val_x, val_y, len(val_x))["loss"]
-                run["log"].append([step, train_loss, val_loss, lr_at(step - 1, cfg)])
-                losses = []
-                try:  # if the terminal closed, or stdout fails: stop, saved, as on Ctrl-C
-                    print(f"step {step:5d}/{cfg.steps} | train {train_loss:.4f} | val {val_loss:.4f}")
-                except OSError:
-                    stop.fill_(1)
-            if step == cfg.steps or stop.item() or cfg.save_every and step % cfg.save_every == 0:
-                if losses:
-                    mean_loss(losses, step)  # nothing that is not finite is ever saved
-                if rank == 0:
-                    save_checkpoint(out, model, optimizer, {**run, "batches": batches.get_state()})
-                if stop.item():
-                    break
-    finally:
-        for s, handler in zip(STOP_SIGNALS, old_handlers):
-            signal.signal(s, handler)
+    while run["step"] < cfg.steps:
+        step = run["step"]
+        # the same batch in every process; each trains on its own share of it
+        x, y = get_batch(data["train"], cfg.batch_size, cfg.context, batches)
+        x = x.chunk(world_size)[rank].to(device)
+        y = y.chunk(world_size)[rank].to(device)
+        torch.manual_seed(step_seed(cfg.seed, step, rank))  # each process its own dropout masks
+        losses.append(train_step(trained, optimizer, x, y, lr_at(step, cfg)))
+        step += 1
+        run["step"] = step
+        if world_size > 1:  # every process stops after the same step
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if step % cfg.log_interval == 0 or step == cfg.steps:
+            train_loss = mean_loss(losses, step)
+            val_loss = evaluate(model, val_x, val_y, len(val_x))["loss"]
+            run["log"].append([step, train_loss, val_loss, lr_at(step - 1, cfg)])
+            losses = []
+            try:  # if the terminal closed, or stdout fails: stop, saved, as on Ctrl-C
+                print(f"step {step:5d}/{cfg.steps} | train {train_loss:.4f} | val {val_loss:.4f}",
+                      flush=True)
+            except OSError:
+                stop.fill_(1)
+        if step == cfg.steps or stop.item() or cfg.save_every and step % cfg.save_every == 0:
+            if losses:
+                mean_loss(losses, step)  # nothing that is not finite is ever saved
+            if rank == 0:
+                save_checkpoint(out, model, optimizer, {**run, "batches": batches.get_state()})
+            if stop.item():
+                break
     how = "torchrun ... llama.py" if world_size > 1 else "python llama.py"
     print(f"saved {out}/ckpt.pt" if step == cfg.steps else f"stopped after step {step}; saved "
-          f"{out}/ckpt.pt; continue with: {how} train --resume --out {out}")
+          f"{out}/ckpt.pt; continue with: {how} train --resume --out {out}", flush=True)
 
 # -----------------------------------------------------------------------------
 # Evaluation
@@ -726,7 +733,7 @@ def evaluate(model, x, y, batch_size, n_chars=None):
     model.eval()  # no dropout
     loss_sum = 0.0
     correct = 0
-    count = 0
+    count = (y != -100).sum().item()  # the targets scored: -100 pads the last window
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         yb = y[i:i + batch_size].to(device)
@@ -734,7 +741,6 @@ def evaluate(model, x, y, batch_size, n_chars=None):
             logits, _ = model(xb)  # (b, T, vocab_size)
         loss_sum += F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum").item()
         correct += (logits.argmax(-1) == yb).sum().item()
-        count += (yb != -100).sum().item()
     model.train(training)
     loss = loss_sum / count
     if not math.isfinite(loss):
@@ -769,20 +775,23 @@ def load_file(path, mmap=False):
         if not zipfile.is_zipfile(f):  # torch.save writes a zip archive
             raise ValueError(f"{path} is not a PyTorch file: empty, cut short or of another kind")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        contents = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         raise ValueError(f"{path} holds pickled Python objects ({found[1] if found else 'code'}), "
                          f"which are never loaded here") from None
     except RuntimeError as e:
         raise ValueError(f"{path} is a damaged PyTorch file ({str(e)[:100]})") from None
+    if not isinstance(contents, dict):  # every file here is a table of tensors and settings
+        raise ValueError(f"{path} holds a {type(contents).__name__}, not a table of tensors")
+    return contents
 
 @contextlib.contextmanager
 def reading(path):
     """What a damaged or edited file raises while its contents are used, as one line."""
     try:
         yield
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+    except (LookupError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         why = " ".join(str(e).split())[:300]
         raise ValueError(f"{path} is damaged or was edited ({type(e).__name__}: {why})") from None
 
@@ -838,6 +847,7 @@ def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=N
            seed=SEED, num_samples=1):
     """Print num_samples continuations of prompt as they are produced, and return them."""
     device = model.output.weight.device
+    prompt.encode()  # a UnicodeEncodeError, one line, if the command line held bytes not UTF-8
     # Llama's tokenizer has a beginning-of-sequence id, and every text starts with it
     ids = [tok.bos_id] * (tok.bos_id >= 0) + tok.encode(prompt)
     if not ids or tok.sp.unk_id() in ids:
@@ -904,6 +914,7 @@ def build_parser():
                              help="the weights' dtype; auto: the checkpoint's on a GPU, else float32")
     for command in (train, sample, evaluation):
         command.add_argument("--device", default="auto", help="cuda, cuda:N, mps, cpu or auto")
+    for command in (train, sample):
         command.add_argument("--compile", action="store_true", help="torch.compile the model")
     return parser
 
@@ -916,18 +927,16 @@ def command_train(args):
     checkpoint = load_file(path) if args.resume else None
     with reading(path):  # --resume: the run's own settings, and those given that may change
         saved = checkpoint["config"] if checkpoint else {}
+        if checkpoint and saved.keys() != {f.name for f in fields(TrainConfig)}:
+            raise ValueError(f"its settings {sorted(saved)} are not those of a TrainConfig")
         cfg = TrainConfig(**{**saved, **given})
         if checkpoint:
-            Tokenizer(checkpoint["tokenizer"])
             checkpoint["step"] = int(checkpoint["step"])
             checkpoint["log"] = [[float(value) for value in row] for row in checkpoint["log"]]
-            same_text = checkpoint["data_sha256"] == sha256(get_text(cfg.data))
     for name in given.keys() & saved.keys() - set(RESUMABLE):
         if given[name] != saved[name]:
             raise ValueError(f"--{name.replace('_', '-')} cannot change when resuming: {path} was "
                              f"trained with {saved[name]}")
-    if checkpoint and not same_text:
-        raise ValueError(f"{cfg.data or DATA_PATH} is not the text {path} was trained on")
     if checkpoint and checkpoint["step"] >= cfg.steps:
         raise ValueError(f"{path} has trained {checkpoint['step']} steps: give --steps N, more "
                          f"than that, to train it further")

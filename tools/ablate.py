@@ -166,9 +166,11 @@ def summarize(rows, base):
     noise = max(b["bpc"] for b in base) - min(b["bpc"] for b in base)
     mean_diff = statistics.mean(diffs)
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    beyond = len(rows) > 1 and same_sign and abs(mean_diff) > noise
+    beyond = "yes" if same_sign and abs(mean_diff) > noise else "no"
+    if len(rows) == 1 or rows is base:
+        beyond = "-"  # one seed has no spread; the baseline is no change
     return {"mean": statistics.mean(bpc), "spread": max(bpc) - min(bpc), "diff": mean_diff,
-            "beyond": "yes" if beyond else ("-" if len(rows) == 1 else "no"),
+            "beyond": beyond,
             "speed": statistics.mean(r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rows, base))}
 
 
