@@ -45,7 +45,7 @@ def time_training(cfg, device, steps, warmup, compiled):
     torch.manual_seed(cfg.seed)
     model = L.Transformer(cfg.model_args(cfg.vocab_size)).to(device)
     optimizer = L.make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    trained = torch.compile(model) if compiled else model
+    trained = L.compile_training(model, optimizer) if compiled else model
     data = torch.randint(cfg.vocab_size, (max(100_000, 2 * cfg.context + 2),))  # any tokens do
     first_step = 0.0
     started = time.perf_counter()
