@@ -125,8 +125,8 @@ def get_text(path=None):
         elif hashlib.sha256(path.read_bytes()).hexdigest() != DATA_SHA256:
             raise ValueError(f"{path} is not Tiny Shakespeare as published: delete it to download "
                              f"it again, or give --data {path} to learn from it as it is")
-    try:  # an OSError (no such file, a folder) says itself what is wrong
-        text = Path(path).read_text(encoding="utf-8")
+    try:  # an OSError (no such file, a folder) says itself what is wrong; "\r\n" stays
+        text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
     if not text:
@@ -139,37 +139,42 @@ def get_text(path=None):
 # is off (it would drop newlines and merge runs of spaces) and "\n" is a piece of its own, so that
 # decode(encode(text)) == text for any text of the characters it was trained on.
 
-MARK = "\u2581"  # SentencePiece writes a space as "▁": a "▁" of the text needs a piece of its own
-MARK_PIECE = "<U+2581>"
+# characters SentencePiece cannot keep: "▁" stands for its spaces, and its trainer drops "\r",
+# NUL and "\x1f". Each that the training text holds gets a piece of its own, named as here
+SPECIAL = {c: f"<U+{ord(c):04X}>" for c in "\u2581\r\x00\x1f"}
 
 class Tokenizer:
     """A SentencePiece model, kept as its serialized bytes so that a checkpoint carries it."""
     def __init__(self, model_proto: bytes):
+        if not model_proto:  # SentencePiece would take it, then complain at every call
+            raise ValueError("the tokenizer is empty")
         self.model_proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id()  # -1 for ours; Llama's tokenizer starts each text with it
-        mark_id = self.sp.piece_to_id(MARK_PIECE)  # the unknown piece's id where there is none
-        self.mark_id = mark_id if self.sp.is_control(mark_id) else None
+        ids = {c: self.sp.piece_to_id(piece) for c, piece in SPECIAL.items()}  # unk's if none
+        self.special = {c: i for c, i in ids.items() if self.sp.is_control(i)}
+        self.special_char = {i: c for c, i in self.special.items()}
         # the characters each piece stands for, to turn nats per token into bits per character
         self.n_chars = torch.tensor([self.piece_chars(i) for i in range(self.vocab_size)])
 
-    def piece_chars(self, i):  # Llama's byte pieces (<0x0A>), "⁇" and the mark: one each
-        if self.sp.is_byte(i) or self.sp.is_unknown(i) or i == self.mark_id:
+    def piece_chars(self, i):  # Llama's byte pieces (<0x0A>), "⁇" and SPECIAL's: one each
+        if self.sp.is_byte(i) or self.sp.is_unknown(i) or i in self.special_char:
             return 1
         return 0 if self.sp.is_control(i) else len(self.sp.id_to_piece(i))
 
     def encode(self, text: str) -> list:
-        parts = [text] if self.mark_id is None else text.split(MARK)
-        ids = self.sp.encode(parts[0])
-        for part in parts[1:]:  # the mark's id between the parts around it
-            ids += [self.mark_id] + self.sp.encode(part)
+        if not self.special:
+            return self.sp.encode(text)
+        ids = []  # the special characters apart, each its own piece; the text between them
+        for part in re.split(f"([{re.escape(''.join(self.special))}])", text):
+            ids += [self.special[part]] if part in self.special else self.sp.encode(part)
         return ids
 
     def decode(self, ids: list) -> str:
-        if self.mark_id is None:
+        if not self.special:
             return self.sp.decode(ids)
-        return "".join(MARK if i == self.mark_id else self.sp.decode([i]) for i in ids)
+        return "".join(self.special_char.get(i) or self.sp.decode([i]) for i in ids)
 
     @staticmethod
     def train(text: str, vocab_size: int) -> "Tokenizer":
@@ -183,7 +188,8 @@ class Tokenizer:
                 add_dummy_prefix=False,  # no space added before the text
                 remove_extra_whitespaces=False,  # runs of spaces stay
                 allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
-                control_symbols=[MARK_PIECE] if MARK in text else [],
+                control_symbols=[piece for c, piece in SPECIAL.items() if c in text],
+                unk_piece="<U+FFFD>",  # not "<unk>": a text may hold that, and keep it
                 # SentencePiece skips lines longer than this (4192 bytes by default): keep them
                 max_sentence_length=max([4192] + [len(line.encode()) + 1 for line in lines]),
                 bos_id=-1, eos_id=-1,  # no beginning- or end-of-sequence pieces: none is used
@@ -252,7 +258,8 @@ class ModelArgs:
     dropout: float = 0.0  # not Meta's: LLaMA trains on far more text than this, and drops nothing
 
     def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                     "max_seq_len"):
             if type(getattr(self, name)) is not int or getattr(self, name) < 1:  # bool is no size
                 raise ValueError(f"{name} must be a whole number, at least 1: {getattr(self, name)!r}")
         if self.dim % self.n_heads:
@@ -261,6 +268,10 @@ class ModelArgs:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:  # rotary embeddings turn pairs of features
             raise ValueError(f"the head size dim / n_heads = {self.dim} / {self.n_heads} is odd")
+        if not (self.ffn_dim_multiplier > 0 and self.norm_eps > 0 and self.rope_theta > 0):
+            raise ValueError("ffn_dim_multiplier, norm_eps and rope_theta must be positive")
+        if not 0 <= self.dropout <= 1:
+            raise ValueError(f"dropout must be from 0 to 1, not {self.dropout}")
 
     @property
     def head_dim(self):
@@ -504,6 +515,9 @@ def number(kind, low, high=math.inf):
     parse.__name__ = kind.__name__
     return parse
 
+MAX_SIZE = 2**20  # sizes and lengths beyond it overflow PyTorch's own before any memory is used
+size = number(int, 1, MAX_SIZE)
+
 def setting(default, kind, help):  # a TrainConfig field, with the type and help of its flag
     return field(default=default, metadata={"type": kind, "help": help})
 
@@ -512,14 +526,14 @@ class TrainConfig:
     """A training run's settings. Each is a flag of `train` (batch_size is --batch-size) whose
     default is the constant above; the checkpoint saves them, and --resume reads them back."""
     steps: int = setting(EPOCHS, number(int, 1), "optimizer steps (EPOCHS)")
-    batch_size: int = setting(BATCH_SIZE, number(int, 1), "sequences per step (BATCH_SIZE)")
-    context: int = setting(CONTEXT_WINDOW, number(int, 1), "tokens per sequence (CONTEXT_WINDOW)")
-    dim: int = setting(DIM, number(int, 1), "residual stream width (DIM)")
-    layers: int = setting(LAYERS, number(int, 1), "transformer blocks (LAYERS)")
-    heads: int = setting(HEADS, number(int, 1), "query heads (HEADS)")
-    kv_heads: int = setting(KV_HEADS, number(int, 1), "key/value heads (KV_HEADS)")
-    vocab_size: int = setting(VOCAB_SIZE, number(int, 2), "tokenizer pieces (VOCAB_SIZE)")
-    lr: float = setting(LEARNING_RATE, number(float, 0), "peak learning rate (LEARNING_RATE)")
+    batch_size: int = setting(BATCH_SIZE, size, "sequences per step (BATCH_SIZE)")
+    context: int = setting(CONTEXT_WINDOW, size, "tokens per sequence (CONTEXT_WINDOW)")
+    dim: int = setting(DIM, size, "residual stream width (DIM)")
+    layers: int = setting(LAYERS, size, "transformer blocks (LAYERS)")
+    heads: int = setting(HEADS, size, "query heads (HEADS)")
+    kv_heads: int = setting(KV_HEADS, size, "key/value heads (KV_HEADS)")
+    vocab_size: int = setting(VOCAB_SIZE, number(int, 2, MAX_SIZE), "tokenizer pieces (VOCAB_SIZE)")
+    lr: float = setting(LEARNING_RATE, number(float, 0, 1e30), "peak learning rate (LEARNING_RATE)")
     warmup: int = setting(WARMUP_STEPS, number(int, 0), "warmup steps (WARMUP_STEPS)")
     weight_decay: float = setting(WEIGHT_DECAY, number(float, 0), "AdamW's (WEIGHT_DECAY)")
     dropout: float = setting(0.0, number(float, 0, 1), "residual dropout; LLaMA has none")
@@ -594,7 +608,7 @@ def step_seed(*numbers):
 
 def pick_device(name="auto", local_rank=None):
     """cuda, then mps, then cpu, unless the user names one; under torchrun, this process's GPU."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:(0|[1-9]\d{0,3}))?", name):
         raise ValueError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N or mps")
     mps = torch.backends.mps.is_available()
     if name == "auto":
@@ -607,14 +621,14 @@ def pick_device(name="auto", local_rank=None):
         raise ValueError(f"--device {name}: PyTorch sees no such device ({gpus} CUDA GPUs here)")
     return device
 
-def mean_loss(losses, step):
+def mean_loss(losses, step, model):
     """The mean of the losses since the last log line, over all processes. One that is not
-    finite stops the run before anything is saved: the last checkpoint stays as it was."""
+    finite, or weights that are not, stop the run before anything is saved."""
     losses = torch.stack(losses).float()
     if dist.is_initialized():
         dist.all_reduce(losses)  # a sum over the processes
         losses /= dist.get_world_size()
-    if not torch.isfinite(losses).all():
+    if not (torch.isfinite(losses).all() and all(p.isfinite().all() for p in model.parameters())):
         raise FloatingPointError(f"the training loss became {losses.sum().item()} by step {step}: "
                                  f"try a lower --lr; the last checkpoint was left as it was")
     return losses.mean().item()
@@ -631,19 +645,21 @@ def save_checkpoint(out, model, optimizer, run):
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                 if hasattr(signal, name)]  # Ctrl-C, kill, a closed terminal; Windows has no HUP
 
-def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, overwrite=False):
-    """Train a LLaMA as cfg says, into out/ckpt.pt and out/log.csv; checkpoint (from load_file)
-    is a run to continue. Returns (model, tokenizer, data), or None if a signal stopped it."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun, as are RANK, LOCAL_RANK
-    device = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else None)
-    out = Path(out)
-    if (out / "ckpt.pt").exists() and not (checkpoint or overwrite):
-        raise ValueError(f"{out}/ckpt.pt holds a run: continue it with --resume, replace it with "
+def check_out(out, resuming):
+    """A fresh run refuses a folder that holds a run, and none writes where it could not save."""
+    held = [out / name for name in ("ckpt.pt", "log.csv") if (out / name).exists()]
+    if held and not resuming:
+        raise ValueError(f"{held[0]} holds a run: continue it with --resume, replace it with "
                          f"--overwrite, or give another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    tempfile.TemporaryFile(dir=out).close()  # better to learn now than after training: writable?
+    for path in held:
+        if not path.is_file():
+            raise ValueError(f"{path} is not a file, where the run saves one: give another --out")
+
+def prepare_data(cfg, out, checkpoint):
+    """The text's splits as token ids, the tokenizer (the checkpoint's, when resuming: the same
+    text, checked by its sha256) and that sha256."""
     text = get_text(cfg.data)
-    data_sha256 = hashlib.sha256(text.encode()).hexdigest()  # what --resume checks the text by
+    data_sha256 = hashlib.sha256(text.encode()).hexdigest()
     splits = split_text(text)
     check_length(splits, cfg.context, "characters")
     with reading(out / "ckpt.pt"):
@@ -652,11 +668,24 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, over
     if not same_text:
         raise ValueError(f"{cfg.data or DATA_PATH} is not the text {out}/ckpt.pt was trained on")
     tok = tok or Tokenizer.train(splits["train"], cfg.vocab_size)
-    data = encode_splits(splits, tok, cfg.context)
+    return encode_splits(splits, tok, cfg.context), tok, data_sha256
+
+def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, overwrite=False):
+    """Train a LLaMA as cfg says, into out/ckpt.pt and out/log.csv; checkpoint (from load_file)
+    is a run to continue. Returns (model, tokenizer, data), or None if a signal stopped it."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun, as are RANK, LOCAL_RANK
+    device = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else None)
+    if cfg.batch_size % world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world_size} processes")
+    out = Path(out)
+    check_out(out, checkpoint or overwrite)
+    data, tok, data_sha256 = prepare_data(cfg, out, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=out).close()  # better to learn now than after training: writable?
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = Transformer(cfg.model_args(tok.vocab_size)).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    run = {"config": asdict(cfg), "tokenizer": tok.model_proto, "step": 0, "log": [],
+    run = {"config": asdict(cfg), "tokenizer": tok.model_proto, "step": 0, "log": [], "losses": [],
            "data_sha256": data_sha256}  # all that the checkpoint holds besides the weights
     batches = torch.Generator().manual_seed(cfg.seed)  # draws the training batches, alike everywhere
     if checkpoint:
@@ -664,7 +693,7 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, over
             model.load_state_dict(checkpoint["model"])  # strict: every name and shape must match
             optimizer.load_state_dict(checkpoint["optimizer"])
             batches.set_state(checkpoint["batches"])
-        run.update(step=checkpoint["step"], log=checkpoint["log"])
+            run.update(step=checkpoint["step"], log=checkpoint["log"], losses=checkpoint["losses"])
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters | {len(data['train']):,} "
           f"training tokens | from step {run['step']} | {device} x {world_size}", flush=True)
     if world_size > 1:
@@ -679,7 +708,14 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, over
             signal.signal(s, handler)
         if world_size > 1:
             dist.destroy_process_group()
-    return (model, tok, data) if run["step"] == cfg.steps else None
+    if run["step"] == cfg.steps:
+        print(f"saved {out}/ckpt.pt", flush=True)
+        return model, tok, data
+    if int(os.environ.get("RANK", 0)) == 0:  # on stderr, which a closed pipe on stdout leaves open
+        how = "torchrun ... llama.py" if world_size > 1 else "python llama.py"
+        print(f"stopped after step {run['step']}; saved {out}/ckpt.pt; continue with: {how} train "
+              f"--resume --out {out}", file=sys.stderr)
+    return None
 
 def train_loop(cfg, model, optimizer, data, out, compiled, run, batches, stop):
     """The steps from run["step"] to cfg.steps, a log line every cfg.log_interval, and the saves.
@@ -695,7 +731,7 @@ def train_loop(cfg, model, optimizer, data, out, compiled, run, batches, stop):
     # the same validation windows at every log line: the curve shows the model, not the draw
     val_x, val_y = get_batch(data["val"], EVAL_BATCHES * cfg.batch_size, cfg.context,
                              torch.Generator().manual_seed(0))
-    losses = []
+    losses = [torch.tensor(loss) for loss in run.pop("losses")]  # those since the last log line
     while run["step"] < cfg.steps:
         step = run["step"]
         # the same batch in every process; each trains on its own share of it
@@ -706,10 +742,8 @@ def train_loop(cfg, model, optimizer, data, out, compiled, run, batches, stop):
         losses.append(train_step(trained, optimizer, x, y, lr_at(step, cfg)))
         step += 1
         run["step"] = step
-        if world_size > 1:  # every process stops after the same step
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if step % cfg.log_interval == 0 or step == cfg.steps:
-            train_loss = mean_loss(losses, step)
+            train_loss = mean_loss(losses, step, model)
             val_loss = evaluate(model, val_x, val_y, len(val_x))["loss"]
             run["log"].append([step, train_loss, val_loss, lr_at(step - 1, cfg)])
             losses = []
@@ -718,16 +752,16 @@ def train_loop(cfg, model, optimizer, data, out, compiled, run, batches, stop):
                       flush=True)
             except OSError:
                 stop.fill_(1)
+        if world_size > 1:  # every process stops after the same step
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if step == cfg.steps or stop.item() or cfg.save_every and step % cfg.save_every == 0:
             if losses:
-                mean_loss(losses, step)  # nothing that is not finite is ever saved
+                mean_loss(losses, step, model)  # nothing that is not finite is ever saved
             if rank == 0:
-                save_checkpoint(out, model, optimizer, {**run, "batches": batches.get_state()})
+                save_checkpoint(out, model, optimizer, {**run, "batches": batches.get_state(),
+                                                        "losses": [float(v) for v in losses]})
             if stop.item():
                 break
-    how = "torchrun ... llama.py" if world_size > 1 else "python llama.py"
-    print(f"saved {out}/ckpt.pt" if step == cfg.steps else f"stopped after step {step}; saved "
-          f"{out}/ckpt.pt; continue with: {how} train --resume --out {out}", flush=True)
 
 # -----------------------------------------------------------------------------
 # Evaluation
@@ -782,14 +816,20 @@ def report(model, tok, data, context, batch_size):
 def load_file(path, mmap=False):
     """torch.load with weights_only=True: tensors, numbers, strings and bytes, never pickled code."""
     with open(path, "rb") as f:  # the OSError of a missing file or a folder says what is wrong
-        if not zipfile.is_zipfile(f):  # torch.save writes a zip archive
-            raise ValueError(f"{path} is not a PyTorch file: empty, cut short or of another kind")
+        if not zipfile.is_zipfile(f):  # what torch.save writes
+            raise ValueError(f"{path} is not a PyTorch zip archive (empty, cut short, or another "
+                             f"format)")
+        with zipfile.ZipFile(f) as archive:
+            damaged = archive.testzip()  # the first of its files whose checksum fails, if any
     try:
+        if damaged:
+            raise RuntimeError(f"{damaged} fails its checksum")
         contents = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        raise ValueError(f"{path} holds pickled Python objects ({found[1] if found else 'code'}), "
-                         f"which are never loaded here") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))  # a name to call: code, never run here
+        why = f"holds pickled Python objects ({found[1]}), which are never loaded here" if found \
+            else f"is a damaged PyTorch file ({str(e)[-80:]})"
+        raise ValueError(f"{path} {why}") from None
     except RuntimeError as e:
         raise ValueError(f"{path} is a damaged PyTorch file ({str(e)[:100]})") from None
     if not isinstance(contents, dict):  # every file here is a table of tensors and settings
@@ -809,6 +849,9 @@ def load_model(path, device, dtype=None, context=None):
     """The model (in eval mode) and tokenizer of a checkpoint; context overrides its length.
     dtype None: the weights' own on a GPU, float32 elsewhere."""
     ckpt = load_file(path, mmap=True)
+    if "model_args" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint of llama.py (no model_args): give --ckpt "
+                         f"one, or import Meta's layout with tools/meta.py")
     with reading(path):
         args = ModelArgs(**{**ckpt["model_args"], **({"max_seq_len": context} if context else {})})
         tok = Tokenizer(ckpt["tokenizer"])
@@ -817,6 +860,8 @@ def load_model(path, device, dtype=None, context=None):
         with torch.device("meta"):  # shapes only, no memory: the weights are taken as they are
             model = Transformer(args)
         weights = ckpt["model"]
+        if not all(w.isfinite().all() for w in weights.values()):
+            raise ValueError("its weights are not all finite numbers: the run diverged")
         if dtype is None:
             dtype = next(iter(weights.values())).dtype if device.type == "cuda" else torch.float32
         model.load_state_dict({k: w.to(device, dtype) for k, w in weights.items()}, assign=True)
@@ -860,7 +905,7 @@ def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=N
     prompt.encode()  # a UnicodeEncodeError, one line, if the command line held bytes not UTF-8
     # Llama's tokenizer has a beginning-of-sequence id, and every text starts with it
     ids = [tok.bos_id] * (tok.bos_id >= 0) + tok.encode(prompt)
-    if not ids or tok.sp.unk_id() in ids:
+    if not ids or tok.decode(ids) != prompt:  # as it would come back: each character known
         raise ValueError(f"the prompt {prompt!r} is empty or has characters the tokenizer never saw")
     generator = torch.Generator(device).manual_seed(seed)
     texts = []
@@ -919,7 +964,7 @@ def build_parser():
                             help="windows per batch, times 16 (%(default)s)")
     for command in (sample, evaluation):
         command.add_argument("--ckpt", default=f"{OUT_DIR}/ckpt.pt", help="(%(default)s)")
-        command.add_argument("--context", type=number(int, 1), help="default: the checkpoint's")
+        command.add_argument("--context", type=size, help="default: the checkpoint's")
         command.add_argument("--dtype", choices=DTYPES, default="auto",
                              help="the weights' dtype; auto: the checkpoint's on a GPU, else float32")
     for command in (train, sample, evaluation):
@@ -935,14 +980,21 @@ def command_train(args):
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one")
     path = Path(args.out) / "ckpt.pt"
     checkpoint = load_file(path) if args.resume else None
-    with reading(path):  # --resume: the run's own settings, and those given that may change
-        saved = checkpoint["config"] if checkpoint else {}
-        if checkpoint and saved.keys() != {f.name for f in fields(TrainConfig)}:
-            raise ValueError(f"its settings {sorted(saved)} are not those of a TrainConfig")
-        cfg = TrainConfig(**{**saved, **given})
-        if checkpoint:
+    saved = {}
+    if checkpoint and "config" not in checkpoint:
+        raise ValueError(f"{path} holds a model but no training run to continue (an import?)")
+    if checkpoint:
+        with reading(path):  # the run's own settings, whole, and its place and log
+            saved = dict(checkpoint["config"])
+            if saved.keys() != {f.name for f in fields(TrainConfig)}:
+                raise ValueError(f"its settings {sorted(saved)} are not those of a TrainConfig")
+            TrainConfig(**saved)
             checkpoint["step"] = int(checkpoint["step"])
             checkpoint["log"] = [[float(value) for value in row] for row in checkpoint["log"]]
+            checkpoint["losses"] = [float(value) for value in checkpoint["losses"]]
+            if checkpoint["step"] < 0 or any(len(row) != 4 for row in checkpoint["log"]):
+                raise ValueError(f"its step {checkpoint['step']} or log rows are out of shape")
+    cfg = TrainConfig(**{**saved, **given})  # a mistake in the flags given is the user's
     for name in given.keys() & saved.keys() - set(RESUMABLE):
         if given[name] != saved[name]:
             raise ValueError(f"--{name.replace('_', '-')} cannot change when resuming: {path} was "
@@ -992,10 +1044,14 @@ def main(argv=None, parser=None):
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+        if "out of memory" in str(e) or "can't allocate memory" in str(e):
+            print(f"error: out of memory: use a smaller --batch-size, --context or model ({e})"[:300],
+                  file=sys.stderr)
+        elif int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: a peer has failed
+            print(f"error: another process stopped ({str(e).splitlines()[0][:80]}); its own error "
+                  f"says why", file=sys.stderr)
+        else:
             raise  # a bug: its traceback says where
-        print(f"error: out of memory: use a smaller --batch-size, --context or model ({e})"[:300],
-              file=sys.stderr)
         return 1
 
 if __name__ == "__main__" and "__file__" in globals():  # a pasted cell runs nothing: call main()

@@ -447,7 +447,7 @@ def test_one_name_for_the_constant_the_flag_and_the_field():
     given = {name: args[name] for name in flags if name in args}
     assert given == {"batch_size": 7, "kv_heads": 2}, "only the flags given, to tell from defaults"
     assert L.TrainConfig(**given) == replace(cfg, batch_size=7, kv_heads=2)
-    with pytest.raises(ValueError, match="--batch-size: must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="--batch-size: must be from 1 to 1,048,576, got 0"):
         L.TrainConfig(batch_size=0)  # a checkpoint's settings meet the flags' bounds too
 
 
@@ -464,7 +464,7 @@ def test_tokenizer_round_trips_all_of_input_and_is_reproducible():
     text = INPUT.read_text(encoding="utf-8")
     train_text = L.split_text(text)["train"]
     tok = L.Tokenizer.train(train_text, 130)
-    assert tok.vocab_size == 130 and tok.bos_id == -1 and tok.mark_id is None
+    assert tok.vocab_size == 130 and tok.bos_id == -1 and tok.special == {}
     ids = tok.encode(text)
     assert tok.decode(ids) == text, "decode(encode(text)) differs"
     assert text.count("\n") == 40000 and tok.decode(ids).count("\n") == 40000
@@ -474,16 +474,22 @@ def test_tokenizer_round_trips_all_of_input_and_is_reproducible():
     assert again.model_proto == tok.model_proto, "same text, different tokenizer"
 
 
-def test_tokenizer_round_trips_sentencepieces_own_space_mark():
-    """SentencePiece writes a space as "▁" (U+2581): a "▁" of the text itself must come back."""
-    text = "To be ▁ or not ▁▁ to be,\n▁that is the question: ▁ whether 'tis nobler\n" * 60
-    tok = L.Tokenizer.train(text, 60)
-    for sample in (text, "▁", "▁▁ ▁", " ▁\n▁ ", "to▁be"):
+def test_tokenizer_round_trips_the_characters_sentencepiece_cannot_keep():
+    """SentencePiece writes a space as "▁" (U+2581), its trainer drops "\r", NUL and "\x1f", and
+    it reads "<unk>" as its own: a text of them must come back as itself."""
+    lines = ["To be ▁ or not ▁▁ to be,\r\n", "▁that is\x00 the <unk> question:\x1f whether\n"]
+    text = INPUT.read_text(encoding="utf-8")[:20_000] if INPUT.exists() else ""
+    text += "".join(lines) * 60
+    tok = L.Tokenizer.train(text, 130)
+    assert set(tok.special) == {"\u2581", "\r", "\x00", "\x1f"}
+    for sample in (text, "▁", "▁▁ ▁", " ▁\r\n▁ ", "to▁be", "a\x00\x00b", "<unk>", "\x1f\r"):
         assert tok.decode(tok.encode(sample)) == sample, repr(sample)
-    assert tok.encode("▁").count(tok.mark_id) == 1 and " " not in tok.decode(tok.encode("▁"))
+    assert tok.encode("▁") == [tok.special["\u2581"]] and tok.sp.unk_id() not in tok.encode(text)
     assert int(tok.n_chars[torch.tensor(tok.encode(text))].sum()) == len(text)
-    with_mark = L.Tokenizer(tok.model_proto)  # the mark survives the checkpoint's bytes
-    assert with_mark.decode(with_mark.encode("a▁b")) == "a▁b"
+    again = L.Tokenizer(tok.model_proto)  # the pieces survive the checkpoint's bytes
+    assert again.decode(again.encode("a▁b\r\n")) == "a▁b\r\n"
+    plain = L.Tokenizer.train("To be, or not to be, that is the question:\n" * 100, 40)
+    assert plain.special == {} and plain.decode(plain.encode("to be")) == "to be"
 
 
 @needs_input
@@ -547,8 +553,11 @@ EDITS = [
     ("damaged tokenizer", lambda c: c.update(tokenizer=c["tokenizer"][:50]), "RuntimeError"),
     ("a missing weight", lambda c: c["model"].pop("output.weight"), "Missing key(s)"),
     ("weights not a table", lambda c: c.update(model=[1, 2]), "AttributeError"),
-    ("not a table at all", lambda c: c.clear(), "KeyError"),
-    ("no model_args", lambda c: c.pop("model_args"), "KeyError: 'model_args'"),
+    ("an edited size", args_edit(multiple_of=0), "multiple_of must be a whole number"),
+    ("a string for norm_eps", args_edit(norm_eps="1e-5"), "TypeError"),
+    ("a zero rope_theta", args_edit(rope_theta=0.0), "rope_theta must be positive"),
+    ("NaN weights", lambda c: c["model"]["layers.0.attention.wq.weight"].fill_(float("nan")),
+     "weights are not all finite"),
 ]
 
 
@@ -559,8 +568,16 @@ def test_damaged_or_edited_checkpoints_are_refused_at_load(tmp_path, trained, ca
     with pytest.raises(ValueError, match="damaged or was edited") as refused:
         L.load_model(out / "ckpt.pt", CPU)
     assert words in str(refused.value), refused.value
-    assert L.main(["sample", "--ckpt", out / "ckpt.pt", "--max-new-tokens", "3"]) == 1
-    one_line_error(capsys, "damaged or was edited")
+    for command in ("sample", "eval"):
+        assert L.main([command, "--ckpt", out / "ckpt.pt"]) == 1
+        one_line_error(capsys, "damaged or was edited")
+
+
+def test_a_file_that_is_no_checkpoint_of_ours_says_so(tmp_path, trained, capsys):
+    for change in (lambda c: c.clear(), lambda c: c.pop("model_args")):
+        out = edited(tmp_path, trained, change)
+        assert L.main(["sample", "--ckpt", out / "ckpt.pt"]) == 1
+        one_line_error(capsys, "is not a checkpoint of llama.py (no model_args)")
 
 
 RESUME_EDITS = [
@@ -573,6 +590,9 @@ RESUME_EDITS = [
     ("an optimizer of another model", lambda c: c["optimizer"]["param_groups"].pop(), "ValueError"),
     ("a step that is not a number", lambda c: c.update(step="abc"), "ValueError"),
     ("log of strings", lambda c: c.update(log=[["a"] * 4]), "could not convert"),
+    ("log rows of another shape", lambda c: c.update(log=[[1.0, 2.0]]), "out of shape"),
+    ("a negative step", lambda c: c.update(step=-5), "its step -5"),
+    ("pending losses of strings", lambda c: c.update(losses=["x"]), "could not convert"),
     ("short batch generator state", lambda c: c.update(batches=c["batches"][:100]), "RuntimeError"),
     ("no record of the text", lambda c: c.pop("data_sha256"), "KeyError: 'data_sha256'"),
 ]
@@ -610,10 +630,23 @@ def test_unsafe_and_foreign_files_are_refused_for_what_they_are(tmp_path, capsys
     torch.save({"a": torch.randn(1000)}, good)
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:2000])
     for name in ("empty.pt", "text.pt", "cut.pt"):
-        with pytest.raises(ValueError, match="is not a PyTorch file") as refused:
+        with pytest.raises(ValueError, match="is not a PyTorch zip archive") as refused:
             L.load_file(tmp_path / name)
         assert "pickled" not in str(refused.value)
     torch.save(torch.randn(3), tmp_path / "tensor.pt")
+    # one byte changed inside the archive: the pickle's, or a weight's; the zip's checksums tell
+    raw = bytearray(good.read_bytes())
+    data_at = raw.index(b"data.pkl") + 40
+    raw[data_at] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(raw)
+    weights_at = raw.rindex(b"data/0") + 60
+    raw = bytearray(good.read_bytes())
+    raw[weights_at] ^= 0x01
+    (tmp_path / "flipped-weight.pt").write_bytes(raw)
+    for name in ("flipped.pt", "flipped-weight.pt"):
+        with pytest.raises(ValueError, match="damaged PyTorch file") as refused:
+            L.load_file(tmp_path / name)
+        assert "pickled" not in str(refused.value), refused.value
     for name, words in [("tensor.pt", "holds a Tensor, not a table"), ("missing.pt", "No such file"),
                         (".", "Is a directory"), ("evil.pt", "pickled Python objects")]:
         assert L.main(["eval", "--ckpt", tmp_path / name]) == 1
@@ -825,6 +858,7 @@ def test_sample_refuses_bad_requests(trained, capsys):
                          (["--max-new-tokens", "-3"], "--max-new-tokens"),
                          (["--max-new-tokens", "10000000000000"], "from 0 to 1,000,000"),
                          (["--prompt", ""], "empty"), (["--prompt", "hello ~"], "never saw"),
+                         (["--prompt", "KING▁"], "never saw"),
                          (["--prompt", "ROMEO\udcff"], "can't encode character '\\udcff'"),
                          (["--num-samples", "0"], "at least 1"), (["--seed", str(2**70)], "--seed"),
                          (["--device", "nonsense"], "not one of"), (["--device", "cuda:x"], "not one of"),
@@ -844,10 +878,18 @@ def test_sample_refuses_bad_requests(trained, capsys):
 
 def test_non_finite_outputs_are_an_error_not_a_table(tmp_path, trained, small_text, capsys):
     out = edited(tmp_path, trained, lambda c: c["model"]["output.weight"].fill_(float("inf")))
-    assert L.main(["eval", "--ckpt", out / "ckpt.pt", "--data", small_text]) == 1
-    one_line_error(capsys, "loss is nan")
-    assert L.main(["sample", "--ckpt", out / "ckpt.pt", "--temperature", "0"]) == 1
-    one_line_error(capsys, "not finite")
+    for args in (["eval", "--data", small_text], ["sample"]):
+        assert L.main([*args, "--ckpt", out / "ckpt.pt"]) == 1
+        one_line_error(capsys, "weights are not all finite numbers")
+    # weights that are finite but overflow: evaluation and sampling refuse what comes out
+    model = tiny_model()
+    with torch.no_grad():
+        model.output.weight.fill_(3e38)
+    x = torch.randint(50, (2, 8))
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        L.evaluate(model, x, x, 2)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        model.generate(x[:1, :2], 3, temperature=0)
 
 
 HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
@@ -865,6 +907,8 @@ def test_a_device_that_is_not_there_is_one_line(trained, capsys):
 def test_user_errors_are_one_line(tmp_path, small_text, capsys):
     (tmp_path / "file").write_text("x")
     for args, words in [(["eval", "--ckpt", tmp_path / "none.pt"], "No such file"),
+                        (["sample", "--device", "cuda:01"], "not one of"),
+                        (["sample", "--device", "cuda:99999999999999999999"], "not one of"),
                         (["train", "--dim", "30", "--heads", "4"], "not divisible by n_heads"),
                         (["train", "--heads", "8", "--kv-heads", "3"], "divisible by n_kv_heads"),
                         (["train", "--dim", "24", "--heads", "8"], "odd"),
@@ -872,7 +916,11 @@ def test_user_errors_are_one_line(tmp_path, small_text, capsys):
                         (["train", "--steps", "abc"], "invalid int value: 'abc'"),
                         (["train", "--lr", "x"], "invalid float value"),
                         (["train", "--batch-size", "-1"], "--batch-size"),
-                        (["train", "--lr", "inf"], "--lr: must be at least 0, got inf"),
+                        (["train", "--lr", "inf"], "--lr: must be from 0 to 1e+30, got inf"),
+                        (["train", "--lr", "3e38"], "--lr: must be from 0 to 1e+30"),
+                        (["train", "--dim", str(2**62)], "--dim: must be from 1 to 1,048,576"),
+                        (["train", "--context", "99999999999999999999"], "--context: must be"),
+                        (["train", "--heads", "4", "--kv-heads", "3"], "not divisible"),
                         (["train", "--weight-decay", "-1"], "--weight-decay"),
                         (["train", "--warmup", "-5"], "--warmup: must be at least 0"),
                         (["train", "--dropout", "2"], "--dropout: must be from 0 to 1"),
@@ -884,13 +932,16 @@ def test_user_errors_are_one_line(tmp_path, small_text, capsys):
                         (["train", "--out", tmp_path / "file"], "File exists"),
                         (["train", "--out", tmp_path / "file" / "sub"], "Not a directory"),
                         (["sample", "--stepz", "3"], "unrecognized arguments"),
+                        (["eval", "--context", str(2**62)], "--context: must be from 1 to"),
+                        (["eval", "--compile"], "unrecognized arguments: --compile"),
                         ([], "required: command"), (["fly"], "invalid choice: 'fly'")]:
         assert L.main(args) == 1, args
         one_line_error(capsys, words)
 
 
 def test_out_of_memory_is_one_line(small_text, tmp_path, capsys):
-    too_wide = ["--dim", "1000000000", "--heads", "2", "--data", small_text, "--out", tmp_path]
+    too_wide = ["--dim", "1048576", "--heads", "2", "--layers", "1", "--data", small_text, "--out",
+                tmp_path]
     assert L.main(["train", *too_wide, "--steps", "1"]) == 1
     one_line_error(capsys, "out of memory")
 
@@ -914,6 +965,50 @@ def test_a_finished_run_is_never_replaced_silently(run_copy, small_text, capsys)
     one_line_error(capsys, "the training loss became nan by step 10: try a lower --lr")
     assert (run_copy / "ckpt.pt").read_bytes() == before
     assert (run_copy / "log.csv").read_bytes() == log_before
+
+
+def test_a_fresh_run_refuses_a_folder_with_a_log_or_with_folders_for_its_files(tmp_path,
+                                                                                small_text, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "log.csv").write_text("the user's own log\n")
+    assert L.main(["train", *TINY, "--data", small_text, "--out", tmp_path / "mine"]) == 1
+    one_line_error(capsys, "log.csv holds a run: continue it with --resume")
+    assert (tmp_path / "mine" / "log.csv").read_text() == "the user's own log\n"
+    for name in ("log.csv", "ckpt.pt"):  # where a save would fail after training: said at once
+        folder = tmp_path / f"with-{name}"
+        (folder / name).mkdir(parents=True)
+        started = time.monotonic()
+        assert L.main(["train", *TINY, "--data", small_text, "--out", folder, "--overwrite"]) == 1
+        one_line_error(capsys, f"{name} is not a file, where the run saves one")
+        assert time.monotonic() - started < 5, "refused before training"
+    assert L.main(["train", "--data", tmp_path / "missing.txt", "--out", tmp_path / "new"]) == 1
+    one_line_error(capsys, "No such file")
+    assert not (tmp_path / "new").exists(), "a refused run makes no folder"
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(small_text, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the refusal comes before its group
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert L.main(["train", *TINY, "--batch-size", "7", "--data", small_text, "--out",
+                   tmp_path]) == 1
+    one_line_error(capsys, "--batch-size 7 does not split over 2 processes")
+
+
+def test_nothing_that_is_not_finite_is_saved():
+    model = tiny_model()
+    losses = [torch.tensor(2.0), torch.tensor(1.0)]
+    assert L.mean_loss(losses, 2, model) == 1.5
+    with torch.no_grad():
+        model.norm.weight[0] = float("inf")  # the losses so far finite, the weights not
+    with pytest.raises(FloatingPointError, match="the last checkpoint was left as it was"):
+        L.mean_loss(losses, 2, model)
+
+
+def test_a_text_keeps_its_carriage_returns(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"To be,\r\nor not\r\n" * 20)
+    assert L.get_text(tmp_path / "crlf.txt") == "To be,\r\nor not\r\n" * 20
 
 
 def test_resume_extends_a_run_and_refuses_what_cannot_change(run_copy, small_text, tmp_path,
@@ -952,11 +1047,11 @@ def test_interrupt_then_resume_matches_uninterrupted_with_dropout(tmp_path, smal
                            text=True)  # in a process of its own, with one thread, as the other
     assert whole.returncode == 0, whole.stderr
     proc = subprocess.Popen(args + ["--out", tmp_path / "b"], env=ENV, stdout=subprocess.PIPE,
-                            text=True)
+                            stderr=subprocess.PIPE, text=True)
     wait_for_line(proc, "step    20/200")
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "train --resume --out" in out, out[-500:]
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "train --resume --out" in err, err[-500:]
     stopped_at = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"]
     assert 20 <= stopped_at < 200, stopped_at
     resumed = subprocess.run(llama_command("train", "--resume", "--out", tmp_path / "b"), env=ENV,
@@ -967,11 +1062,8 @@ def test_interrupt_then_resume_matches_uninterrupted_with_dropout(tmp_path, smal
     assert b["step"] == 200
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs, resumed at {stopped_at}"
-    # the log alike, but for the training loss of the line after the stop: the mean of fewer steps
-    first_after = stopped_at // 10
-    for i, (row_a, row_b) in enumerate(zip(a["log"], b["log"], strict=True)):
-        assert row_a[0] == row_b[0] and row_a[2:] == row_b[2:], (row_a, row_b)
-        assert i == first_after or row_a[1] == row_b[1], (i, row_a, row_b)
+    # the log too: the losses since the last log line were saved with the checkpoint
+    assert (tmp_path / "a" / "log.csv").read_text() == (tmp_path / "b" / "log.csv").read_text()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
@@ -984,7 +1076,7 @@ def test_sigterm_and_a_closed_terminal_save_the_run(tmp_path, small_text, signum
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
-    assert step >= 20 and f"stopped after step {step}" in out
+    assert step >= 20 and f"stopped after step {step}" in err, err
 
 
 def test_a_failing_stdout_stops_the_run_and_saves_it(tmp_path, small_text):
@@ -996,6 +1088,7 @@ def test_a_failing_stdout_stops_the_run_and_saves_it(tmp_path, small_text):
     assert done.stdout.count("\n") == 3, done.stdout
     step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
     assert 10 <= step < 100000 and "Traceback" not in done.stderr, (step, done.stderr)
+    assert f"stopped after step {step}; saved" in done.stderr, "how to continue, where it is seen"
 
 
 def test_a_kill_leaves_a_checkpoint_that_loads_and_the_users_files(tmp_path, small_text):
@@ -1097,15 +1190,26 @@ def test_a_refusal_under_torchrun_ends_every_process(trained, small_text):
     assert "holds a run" in err and 'llama.py", line' not in err, err[-2000:]
 
 
+def test_a_failing_stdout_under_torchrun_stops_every_process(small_text, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "llama.py"), "train", *TINY, "--steps", "100000", "--data",
+               str(small_text), "--out", str(tmp_path)]
+    done = subprocess.run(["bash", "-c", " ".join(command) + " | head -n 2"], env=ENV,
+                          capture_output=True, text=True, timeout=180)
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    assert 10 <= step < 100000 and done.stderr.count("stopped after step") == 1, done.stderr[-2000:]
+    assert 'llama.py", line' not in done.stderr, done.stderr[-2000:]
+
+
 def test_ctrl_c_stops_every_process_and_rank_0_saves_once(small_text, tmp_path):
     proc = torchrun(2, "train", *TINY, "--steps", "100000", "--data", small_text, "--out", tmp_path,
                     start_new_session=True)
     wait_for_line(proc, "step    20/")
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     out, err = proc.communicate(timeout=120)
-    assert out.count("stopped after step") == 1, out[-1500:]
+    assert err.count("stopped after step") == 1, err[-1500:]
     step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
-    assert f"stopped after step {step}" in out and step >= 20
+    assert f"stopped after step {step}" in err and step >= 20
     resumed = torchrun(2, "train", "--resume", "--steps", str(step + 10), "--out", tmp_path)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
@@ -1186,6 +1290,28 @@ def test_an_export_is_written_whole_or_not_at_all(trained, tmp_path, capsys):
     assert L.main(export, meta.build_parser()) == 1
     one_line_error(capsys, "holds files other than an export's")
     assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_what_is_not_a_run_of_ours_says_so(trained, tmp_path, capsys):
+    folder = tmp_path / "meta"
+    assert L.main(["export", "--ckpt", trained / "ckpt.pt", "--out", folder], meta.build_parser()) == 0
+    assert L.main(["sample", "--ckpt", folder / "consolidated.00.pth"]) == 1
+    one_line_error(capsys, "is not a checkpoint of llama.py (no model_args)")
+    assert L.main(["import", folder, "--out", tmp_path / "in", "--context", "8"],
+                  meta.build_parser()) == 0
+    capsys.readouterr()
+    assert L.main(["train", "--resume", "--steps", "40", "--out", tmp_path / "in"]) == 1
+    one_line_error(capsys, "holds a model but no training run to continue")
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    old = os.umask(0o022)
+    try:
+        assert L.main(["export", "--ckpt", trained / "ckpt.pt", "--out", link],
+                      meta.build_parser()) == 0
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["in", "link", "meta"], os.listdir(tmp_path)
+    assert link.is_symlink() and folder.stat().st_mode & 0o777 == 0o755, "as mkdir makes it"
 
 
 def meta_shards(model, n):
@@ -1285,12 +1411,18 @@ def test_what_cannot_be_imported_from_a_meta_folder_is_one_line(tmp_path, traine
     (folder / "params.json").write_text(json.dumps(params))
     shard = (folder / "consolidated.01.pth").read_bytes()
     (folder / "consolidated.01.pth").write_text("not weights")
-    refused("consolidated.01.pth is not a PyTorch file")
+    refused("consolidated.01.pth is not a PyTorch zip archive")
+    (folder / "consolidated.01.pth").write_bytes(shard)
+    other = torch.load(folder / "consolidated.01.pth")
+    torch.save({**other, "extra.weight": torch.zeros(1)}, folder / "consolidated.01.pth")
+    refused("the shards do not hold the same weights")
     (folder / "consolidated.01.pth").write_bytes(shard)
     (folder / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\nIw== 2\n")  # tiktoken's: Llama 3
     refused("tiktoken")
     (folder / "tokenizer.model").write_bytes(b"nonsense")
     refused("tokenizer.model is damaged or was edited")
+    (folder / "tokenizer.model").write_bytes(b"")
+    refused("tokenizer.model is damaged or was edited (ValueError: the tokenizer is empty)")
     (folder / "tokenizer.model").unlink()
     refused("has no tokenizer.model")
     assert not (tmp_path / "in").exists(), "nothing written by a refused import"
@@ -1309,7 +1441,10 @@ def test_plot_draws_the_log_or_says_what_is_missing(trained, tmp_path, capsys):
         return
     assert status == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert L.main(["--log", tmp_path / "none.csv"], tools_plot().build_parser()) == 1
-    one_line_error(capsys, "not found")
+    one_line_error(capsys, "No such file or directory")
+    (tmp_path / "empty.csv").write_text("step,train_loss,val_loss,lr\n")  # stopped before a row
+    assert L.main(["--log", tmp_path / "empty.csv"], tools_plot().build_parser()) == 1
+    one_line_error(capsys, "has no rows yet")
 
 
 def tools_plot():
@@ -1404,3 +1539,14 @@ def test_the_quick_ablation_prints_the_whole_table(small_text, capsys):
     assert len(runs) == len(ablate.VARIANTS) + 3 and runs[-1].startswith("[12/12]"), runs
     table = [line for line in out.splitlines() if line.startswith("context")]
     assert len(table) == 12 and "KV B/token" in out and out.splitlines()[-1].startswith("total")
+
+
+def test_the_ablation_says_at_once_what_would_fail_late(small_text, tmp_path, capsys):
+    assert L.main(["--steps", "2", "--seeds", "1", "--data", small_text, "--png",
+                   tmp_path / "no" / "x.png"], ablate.build_parser()) == 1
+    one_line_error(capsys, "no folder")
+    short = tmp_path / "short.txt"
+    short.write_text(small_text.read_text()[:1000])  # enough for 16-token windows, not for 128
+    assert L.main(["--steps", "2", "--seeds", "1", "--data", short], ablate.build_parser()) == 1
+    captured = capsys.readouterr()
+    assert "[1/" not in captured.out and "too short" in captured.err, captured

@@ -182,15 +182,18 @@ def ablate(args):
     tok = L.Tokenizer.train(splits["train"], L.VOCAB_SIZE)
     seeds = [L.SEED + i for i in range(args.seeds)]
     plan = settings(args)
+    # every setting's data, and the picture's folder, checked before the first run
+    data = {label: L.encode_splits(splits, tok, cfg.context) for label, cfg, _ in plan}
+    if args.png and not Path(args.png).parent.is_dir():
+        raise FileNotFoundError(f"no folder {Path(args.png).parent} for --png {args.png}")
     total = sum(len(variants) for _, _, variants in plan) * len(seeds)
     results = {}
     done = 0
     for label, cfg, variants in plan:
-        data = L.encode_splits(splits, tok, cfg.context)
         for seed in seeds:  # the seed outside, so that an early stop has every variant
             for name in variants:
                 run_started = time.perf_counter()
-                r = run(name, replace(cfg, seed=seed), tok, data, device)
+                r = run(name, replace(cfg, seed=seed), tok, data[label], device)
                 results.setdefault((label, name), []).append(r)
                 done += 1
                 print(f"[{done}/{total}] {label} {name} seed {seed}: {r['bpc']:.4f} bits/char, "

@@ -30,7 +30,7 @@ FILES = ("params.json", "consolidated.00.pth", "tokenizer.model")
 def export(args):
     """Write the model of a checkpoint into a folder in Meta's layout, all of it or nothing: the
     files go into a new folder beside it, which then takes its place."""
-    folder = Path(args.out)
+    folder = Path(args.out).resolve()  # a link's target, not the link, is what is replaced
     if folder.exists() and (not folder.is_dir() or set(os.listdir(folder)) - set(FILES)):
         raise ValueError(f"{folder} is a file, or holds files other than an export's: export into "
                          f"a new or empty folder")
@@ -40,6 +40,9 @@ def export(args):
         params["ffn_dim_multiplier"] = None  # Meta's way to say none
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # as mkdir would have made it; mkdtemp makes it private
     aside = staging.with_name(staging.name + ".old")
     try:
         L.atomic_write(staging / "params.json", lambda f: f.write(json.dumps(params).encode()))
@@ -105,7 +108,9 @@ def read_folder(folder, context):
                          f"vocab_size {args.vocab_size}")
     # memory-mapped: the shards are read from disk as they are used, never held twice
     shards = [L.load_file(shard, mmap=True) for shard in shards]
-    with L.reading(folder / "consolidated.00.pth"), torch.device("meta"):
+    with L.reading(folder / "consolidated.*.pth"), torch.device("meta"):
+        if any(shard.keys() != shards[0].keys() for shard in shards):
+            raise ValueError("the shards do not hold the same weights")
         weights = join_shards(shards)
         L.Transformer(args).load_state_dict(weights, assign=True)  # every name and shape fits
     return args, weights, tok
@@ -143,7 +148,7 @@ def build_parser():
     into.set_defaults(run=import_)
     into.add_argument("folder", help="params.json, consolidated.*.pth and tokenizer.model")
     into.add_argument("--out", required=True, help="the folder DIR to write DIR/ckpt.pt into")
-    into.add_argument("--context", type=L.number(int, 1), default=2048,
+    into.add_argument("--context", type=L.size, default=2048,
                       help="the model's context length, which Meta's folder leaves out (%(default)s)")
     into.add_argument("--overwrite", action="store_true", help="replace DIR/ckpt.pt")
     return parser

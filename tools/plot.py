@@ -4,10 +4,9 @@
 
 Needs matplotlib (pip install matplotlib; Colab has it), which nothing else here does.
 """
+import csv
 import sys
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama as L  # noqa: E402
@@ -18,11 +17,13 @@ def plot(args):
         from matplotlib.figure import Figure  # not pyplot: a notebook's own plotting is left alone
     except ImportError:
         raise ValueError("tools/plot.py needs matplotlib: pip install matplotlib") from None
-    with L.reading(args.log):
-        rows = np.loadtxt(args.log, delimiter=",", skiprows=1, ndmin=2)  # step, train, val, lr
-        steps = rows[:, 0]
-        train_loss = rows[:, 1]
-        val_loss = rows[:, 2]
+    with open(args.log, newline="") as f, L.reading(args.log):
+        rows = [[float(value) for value in row] for row in list(csv.reader(f))[1:]]
+        steps = [row[0] for row in rows]  # the columns: step, train_loss, val_loss, lr
+        train_loss = [row[1] for row in rows]
+        val_loss = [row[2] for row in rows]
+    if not rows:
+        raise ValueError(f"{args.log} has no rows yet: the run stopped before its first log line")
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     ax.plot(steps, train_loss, label="train (mean since the last point)")
