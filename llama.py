@@ -518,6 +518,9 @@ def number(kind, low, high=math.inf):
 MAX_SIZE = 2**20  # sizes and lengths beyond it overflow PyTorch's own before any memory is used
 size = number(int, 1, MAX_SIZE)
 
+def flag(name):  # a TrainConfig field's flag: batch_size is --batch-size
+    return "--" + name.replace("_", "-")
+
 def setting(default, kind, help):  # a TrainConfig field, with the type and help of its flag
     return field(default=default, metadata={"type": kind, "help": help})
 
@@ -549,7 +552,7 @@ class TrainConfig:
                 if value is not None and f.metadata["type"](str(value)) != value:
                     raise ValueError(f"{value!r} is not a {f.type.__name__}")
             except (argparse.ArgumentTypeError, ValueError) as e:
-                raise ValueError(f"--{f.name.replace('_', '-')}: {e}") from None
+                raise ValueError(f"{flag(f.name)}: {e}") from None
         self.model_args(self.vocab_size)  # and ModelArgs checks the model's shape
 
     def model_args(self, vocab_size):
@@ -605,6 +608,11 @@ def step_seed(*numbers):
     """A seed of its own for each (seed, step, process): the dropout masks differ from process to
     process, and a step draws the same ones whether or not the run was resumed."""
     return int.from_bytes(hashlib.sha256(repr(numbers).encode()).digest()[:8], "little")
+
+def torchrun_env():
+    """(rank, world size, local rank) as torchrun sets them; a plain `python llama.py` is 0 of 1."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 def pick_device(name="auto", local_rank=None):
     """cuda, then mps, then cpu, unless the user names one; under torchrun, this process's GPU."""
@@ -673,8 +681,8 @@ def prepare_data(cfg, out, checkpoint):
 def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, overwrite=False):
     """Train a LLaMA as cfg says, into out/ckpt.pt and out/log.csv; checkpoint (from load_file)
     is a run to continue. Returns (model, tokenizer, data), or None if a signal stopped it."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun, as are RANK, LOCAL_RANK
-    device = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else None)
+    rank, world_size, local_rank = torchrun_env()
+    device = pick_device(device, local_rank if world_size > 1 else None)
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world_size} processes")
     out = Path(out)
@@ -711,7 +719,7 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, over
     if run["step"] == cfg.steps:
         print(f"saved {out}/ckpt.pt", flush=True)
         return model, tok, data
-    if int(os.environ.get("RANK", 0)) == 0:  # on stderr, which a closed pipe on stdout leaves open
+    if rank == 0:  # on stderr, which a closed pipe on stdout leaves open
         how = "torchrun ... llama.py" if world_size > 1 else "python llama.py"
         print(f"stopped after step {run['step']}; saved {out}/ckpt.pt; continue with: {how} train "
               f"--resume --out {out}", file=sys.stderr)
@@ -720,8 +728,7 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, checkpoint=None, over
 def train_loop(cfg, model, optimizer, data, out, compiled, run, batches, stop):
     """The steps from run["step"] to cfg.steps, a log line every cfg.log_interval, and the saves.
     stop, set by a STOP_SIGNAL or a failing standard output, ends it after the step, saved."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size, _ = torchrun_env()
     device = model.output.weight.device
     trained = model  # what the loop calls: the model, or its parallel or compiled form
     if world_size > 1:  # DistributedDataParallel averages the gradients of all processes
@@ -935,7 +942,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_config_flags(parser):
     for f in fields(TrainConfig):  # a flag not given is left out: --resume tells it from a default
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["type"],
+        parser.add_argument(flag(f.name), type=f.metadata["type"],
                             default=argparse.SUPPRESS, help=f"{f.metadata['help']}; {f.default}")
 
 def build_parser():
@@ -997,17 +1004,18 @@ def command_train(args):
     cfg = TrainConfig(**{**saved, **given})  # a mistake in the flags given is the user's
     for name in given.keys() & saved.keys() - set(RESUMABLE):
         if given[name] != saved[name]:
-            raise ValueError(f"--{name.replace('_', '-')} cannot change when resuming: {path} was "
+            raise ValueError(f"{flag(name)} cannot change when resuming: {path} was "
                              f"trained with {saved[name]}")
     if checkpoint and checkpoint["step"] >= cfg.steps:
         raise ValueError(f"{path} has trained {checkpoint['step']} steps: give --steps N, more "
                          f"than that, to train it further")
-    if int(os.environ.get("RANK", 0)) != 0:
+    rank = torchrun_env()[0]
+    if rank != 0:
         sys.stdout = open(os.devnull, "w")  # under torchrun, only rank 0 prints
     result = train(cfg, args.out, args.device, args.compile, checkpoint, args.overwrite)
     if result is None:
         return 130  # stopped by a signal, the checkpoint saved
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank == 0:
         report(*result, cfg.context, 16 * cfg.batch_size)
     return 0
 
@@ -1047,7 +1055,7 @@ def main(argv=None, parser=None):
         if "out of memory" in str(e) or "can't allocate memory" in str(e):
             print(f"error: out of memory: use a smaller --batch-size, --context or model ({e})"[:300],
                   file=sys.stderr)
-        elif int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: a peer has failed
+        elif torchrun_env()[1] > 1:  # under torchrun: a peer has failed
             print(f"error: another process stopped ({str(e).splitlines()[0][:80]}); its own error "
                   f"says why", file=sys.stderr)
         else:
