@@ -98,18 +98,17 @@ def download(url, path, sha256, timeout=30.0):
     try:
         response = requests.get(url, timeout=timeout)  # timeout: seconds without a byte
         response.raise_for_status()
+        if hashlib.sha256(response.content).hexdigest() != sha256:
+            raise requests.RequestException(f"{len(response.content):,} bytes, not the file")
     except requests.RequestException as e:
         raise OSError(f"could not download {url} ({e}): fetch it by hand into {path}") from None
-    if hashlib.sha256(response.content).hexdigest() != sha256:
-        raise OSError(f"{url} sent {len(response.content):,} bytes that are not the file published")
     atomic_write(path, lambda f: f.write(response.content))
 
 def get_text(path=None):
     """The text to learn from: the UTF-8 file at path, or Tiny Shakespeare if path is None."""
-    if path is None:
-        path = DATA_PATH
-        if not path.exists():
-            download(DATA_URL, path, DATA_SHA256)
+    if path is None and not DATA_PATH.exists():
+        download(DATA_URL, DATA_PATH, DATA_SHA256)
+    path = path or DATA_PATH
     try:  # "\r\n" and "\r" are read as "\n" (SentencePiece would drop "\r")
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -138,7 +137,7 @@ def train_tokenizer(text, vocab_size):
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
             user_defined_symbols=["\n"],  # the newline, a piece of its own
             # it skips lines longer than max_sentence_length bytes (4192 by default): none here
-            max_sentence_length=max((len(line.encode()) for line in lines), default=0) + 1,
+            max_sentence_length=max([4192] + [len(line.encode()) + 1 for line in lines]),
             bos_id=-1, eos_id=-1,  # no beginning- or end-of-text pieces: none is used
             num_threads=1, minloglevel=2)  # one thread: the same pieces on every run
     except RuntimeError as e:  # "Vocabulary size is too high": a text too small for it
@@ -279,7 +278,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         q = apply_rotary_emb(q, cos, sin)
         k = apply_rotary_emb(k, cos, sin)
-        query_positions = torch.arange(T, device=x.device)
+        query_positions = torch.arange(T, device=x.device) if positions is None else positions
         if positions is not None:
             # the KV cache: store the new keys and values at their positions, then read all of
             # it: the same shapes at every step, so that one compiled graph serves every position
@@ -287,7 +286,6 @@ class Attention(nn.Module):
             self.cache_v.index_copy_(1, positions, v)
             k = self.cache_k  # (B, max_seq_len, n_kv_heads, head_dim)
             v = self.cache_v
-            query_positions = positions
         # the mask (T, S): the query at position p sees the keys at positions 0 to p, and -inf is
         # added to the scores of later ones (in the cache also the slots not yet written)
         key_positions = torch.arange(k.size(1), device=x.device)
@@ -401,9 +399,9 @@ class Transformer(nn.Module):
                 # again from position 0, recomputed, and fills the cache for half a window more
                 window = window[:, -max(1, self.args.max_seq_len // 2):]
                 cached = 0
-            if cached and use_cache:  # the newest token alone, at position `cached`
+            if cached and use_cache:  # the token sampled last, alone, at position `cached`
                 position = torch.tensor([cached], device=idx.device)
-                logits = self.decode_step(window[:, -1:], position)
+                logits = self.decode_step(token, position)
             else:  # all of the window: the prompt, a refill, or every step without the cache
                 positions = torch.arange(window.size(1), device=idx.device)
                 logits = self(window, positions=positions if use_cache else None)[0][:, -1]
@@ -562,11 +560,11 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, ckpt=None):
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     # all that the checkpoint holds besides the weights and AdamW's state
     run = {"config": asdict(cfg), "tokenizer": tok.serialized_model_proto(), "step": 0, "log": [],
-           "loss_sum": 0.0}
+           "loss_sum": 0.0, "batches": torch.Generator().manual_seed(cfg.seed).get_state()}
     if ckpt:
         model.load_state_dict(ckpt["model"])  # strict: every name and shape must match
         optimizer.load_state_dict(ckpt["optimizer"])
-        run.update(step=ckpt["step"], log=ckpt["log"], loss_sum=ckpt["loss_sum"])
+        run.update({name: ckpt[name] for name in ("step", "log", "loss_sum", "batches")})
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters | {len(data['train']):,} "
           f"training tokens | from step {run['step']} | {device} x {world_size}", flush=True)
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -611,15 +609,16 @@ def train_loop(cfg, model, trained, optimizer, data, out, run, stop):
     # the training losses since the last log line: a number, and once added to, a tensor on the
     # device, read only at a log line so that a GPU is not waited for at every step
     loss_sum = run["loss_sum"]
+    batches = torch.Generator()  # draws the training batches: alike in every process, and saved
+    batches.set_state(run["batches"])
     while run["step"] < cfg.steps:
         step = run["step"]
-        # a step's batch and dropout masks follow from (seed, step), so a resumed run draws what
-        # an uninterrupted one would; every process draws the same batch and trains on its share
-        torch.manual_seed(hash((cfg.seed, step)))
-        x, y = get_batch(data["train"], cfg.batch_size, cfg.context)
+        # every process draws the same batch and trains on its share of it
+        x, y = get_batch(data["train"], cfg.batch_size, cfg.context, batches)
         x = x.chunk(world_size)[rank].to(device)
         y = y.chunk(world_size)[rank].to(device)
-        torch.manual_seed(hash((cfg.seed, step, rank)))  # but draws dropout masks of its own
+        # dropout masks of its own, from (seed, step, process): a resumed run draws the same
+        torch.manual_seed(hash((cfg.seed, step, rank)))
         loss_sum = loss_sum + train_step(trained, optimizer, x, y, lr_at(step, cfg))
         step += 1
         run["step"] = step
@@ -640,6 +639,7 @@ def train_loop(cfg, model, trained, optimizer, data, out, run, stop):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if step == cfg.steps or stop.item() or cfg.save_every and step % cfg.save_every == 0:
             run["loss_sum"] = float(loss_sum)
+            run["batches"] = batches.get_state()
             check_diverged(step, run["loss_sum"] / since)  # nothing diverged is ever saved
             if rank == 0:
                 save_checkpoint(out, model, optimizer, run)
@@ -758,7 +758,7 @@ def add_config_flags(parser):
                             default=argparse.SUPPRESS, help=f"{f.metadata['help']}; {f.default}")
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="llama.py", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="llama.py", epilog="In a notebook: main([...]).")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     train = commands.add_parser("train", help="train a model and evaluate it", usage=USAGE)
     train.set_defaults(run=command_train)

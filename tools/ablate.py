@@ -9,8 +9,13 @@ initialized by its own rule (Transformer.init_weights): nothing of llama.py is c
 Every run trains exactly as `python llama.py train` does (the same batches for a seed: the baseline
 run is that command's run) and is scored in bits per character over every validation token.
 """
+import argparse
+import contextlib
+import io
+import math
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -129,22 +134,22 @@ def kv_cache_bytes_per_token(model):
 
 
 def run(name, cfg, tok, data, device):
-    """Train one variant as llama.py's train() does; its validation bits per character over every
-    token, its training tokens per second, its parameters and KV-cache bytes per token."""
-    model = build_variant(name, cfg.model_args(tok.vocab_size), cfg.seed).to(device)
+    """Train one variant with llama.py's own training loop (its batches, its steps); its
+    validation bits per character over every token, its training tokens per second, the first
+    and last logged training losses, its parameters and KV-cache bytes per token."""
+    model = build_variant(name, cfg.model_args(tok.vocab_size()), cfg.seed).to(device)
     optimizer = L.make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    batches = torch.Generator().manual_seed(cfg.seed)  # llama.py's batches for this seed
-    losses = []
+    run = {"config": {}, "tokenizer": b"", "step": 0, "log": [], "loss_sum": 0.0,
+           "batches": torch.Generator().manual_seed(cfg.seed).get_state()}  # as llama.py's train
     started = time.perf_counter()
-    for step in range(cfg.steps):
-        x, y = L.get_batch(data["train"], cfg.batch_size, cfg.context, batches)
-        losses.append(L.train_step(model, optimizer, x.to(device), y.to(device), L.lr_at(step, cfg)))
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+        L.train_loop(cfg, model, model, optimizer, data, Path(out), run, torch.zeros(1))
     tokens_per_s = cfg.steps * cfg.batch_size * cfg.context / (time.perf_counter() - started)
-    x, y = L.windows(data["val"], cfg.context)
-    n_chars = tok.n_chars[data["val"][1:]].sum().item()
-    result = L.evaluate(model, x, y, 16 * cfg.batch_size, n_chars)
-    return {"bpc": result["bpc"], "tokens_per_s": tokens_per_s, "first_loss": losses[0].item(),
-            "last_loss": losses[-1].item(), "params": sum(p.numel() for p in model.parameters()),
+    result = L.evaluate(model, *L.windows(data["val"], cfg.context))
+    n_chars = len(tok.decode(data["val"][1:].tolist()))  # as llama.py's report counts them
+    return {"bpc": result["loss_sum"] / n_chars / math.log(2), "tokens_per_s": tokens_per_s,
+            "first_loss": run["log"][0][1], "last_loss": run["log"][-1][1],
+            "params": sum(p.numel() for p in model.parameters()),
             "kv_bytes": kv_cache_bytes_per_token(model)}
 
 
@@ -179,7 +184,7 @@ def ablate(args):
     device = L.pick_device(args.device)
     text = L.get_text(args.data)
     splits = L.split_text(text)
-    tok = L.Tokenizer.train(splits["train"], L.VOCAB_SIZE)
+    tok = L.train_tokenizer(splits["train"], L.VOCAB_SIZE)
     seeds = [L.SEED + i for i in range(args.seeds)]
     plan = settings(args)
     # every setting's data, and the picture's folder, checked before the first run
@@ -250,8 +255,7 @@ def plot(plan, results, png):
 
 
 def build_parser():
-    parser = L.Parser(prog="tools/ablate.py", description=__doc__.split("\n\n")[0],
-                      allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="tools/ablate.py", description=__doc__.split("\n\n")[0])
     parser.set_defaults(run=ablate)
     parser.add_argument("--steps", type=L.number(int, 1), default=None,
                         help="optimizer steps of every run (default: EPOCHS, and half of it at "

@@ -7,6 +7,7 @@ the KV cache and by recomputing the window, and checks that both give the same t
 FLOP/s count 6 FLOPs per weight per token (2 forward, 4 backward, as PaLM's appendix B does) for
 every matrix but the embedding lookup, plus the attention scores and sums.
 """
+import argparse
 import sys
 import time
 from dataclasses import asdict, fields
@@ -45,7 +46,7 @@ def time_training(cfg, device, steps, warmup, compiled):
     torch.manual_seed(cfg.seed)
     model = L.Transformer(cfg.model_args(cfg.vocab_size)).to(device)
     optimizer = L.make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    trained = L.compile_training(model, optimizer) if compiled else model
+    trained = torch.compile(model) if compiled else model  # as train --compile does
     data = torch.randint(cfg.vocab_size, (max(100_000, 2 * cfg.context + 2),))  # any tokens do
     first_step = 0.0
     started = time.perf_counter()
@@ -114,8 +115,7 @@ def bench(args):
 
 
 def build_parser():
-    parser = L.Parser(prog="tools/bench.py", description=__doc__.split("\n\n")[0],
-                      allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__.split("\n\n")[0])
     parser.set_defaults(run=bench)
     L.add_config_flags(parser)
     parser.add_argument("--compile", action="store_true", help="time the compiled forms too")

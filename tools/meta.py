@@ -8,6 +8,7 @@ The layout is a folder of params.json, the weights in consolidated.NN.pth (one f
 parallel shard) and tokenizer.model. llama.py uses Meta's parameter names and rotary convention,
 so the tensors go across as they are: LLaMA 1 and Llama 2 folders import, bf16 weights stay bf16.
 """
+import argparse
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,17 +29,13 @@ PARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of
 FILES = ("params.json", "consolidated.00.pth", "tokenizer.model")
 
 
-def export(args):
-    """Write the model of a checkpoint into a folder in Meta's layout, all of it or nothing: the
-    files go into a new folder beside it, which then takes its place."""
-    folder = Path(args.out).resolve()  # a link's target, not the link, is what is replaced
-    if folder.exists() and (not folder.is_dir() or set(os.listdir(folder)) - set(FILES)):
+def write_folder(folder, files):
+    """Write files ({name: write(f)}) into folder, all of them or none: they go into a new folder
+    beside it, which then takes its place. A folder holding other files is refused."""
+    folder = Path(folder).resolve()  # a link's target, not the link, is what is replaced
+    if folder.exists() and (not folder.is_dir() or set(os.listdir(folder)) - set(files)):
         raise ValueError(f"{folder} is a file, or holds files other than an export's: export into "
                          f"a new or empty folder")
-    model, tok = L.load_model(args.ckpt, torch.device("cpu"))
-    params = {name: getattr(model.args, name) for name in PARAMS}
-    if params["ffn_dim_multiplier"] == 1.0:
-        params["ffn_dim_multiplier"] = None  # Meta's way to say none
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     umask = os.umask(0)  # reading the umask means setting it: put it straight back
@@ -45,9 +43,8 @@ def export(args):
     staging.chmod(0o777 & ~umask)  # as mkdir would have made it; mkdtemp makes it private
     aside = staging.with_name(staging.name + ".old")
     try:
-        L.atomic_write(staging / "params.json", lambda f: f.write(json.dumps(params).encode()))
-        L.atomic_write(staging / "consolidated.00.pth", lambda f: torch.save(model.state_dict(), f))
-        L.atomic_write(staging / "tokenizer.model", lambda f: f.write(tok.model_proto))
+        for name, write in files.items():
+            L.atomic_write(staging / name, write)
         if folder.exists():  # an earlier export: put it aside, the new one in its place
             folder.rename(aside)
         try:
@@ -59,7 +56,19 @@ def export(args):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(aside, ignore_errors=True)
-    print(f"wrote {', '.join(str(folder / name) for name in FILES)}")
+    print(f"wrote {', '.join(str(folder / name) for name in files)}")
+
+
+def export(args):
+    """Write the model of a checkpoint into a folder in Meta's layout."""
+    model, tok = L.load_model(args.ckpt, torch.device("cpu"))
+    params = {name: getattr(model.args, name) for name in PARAMS}
+    if params["ffn_dim_multiplier"] == 1.0:
+        params["ffn_dim_multiplier"] = None  # Meta's way to say none
+    write_folder(args.out, {
+        "params.json": lambda f: f.write(json.dumps(params).encode()),
+        "consolidated.00.pth": lambda f: torch.save(model.state_dict(), f),
+        "tokenizer.model": lambda f: f.write(tok.serialized_model_proto())})
     return 0
 
 
@@ -91,28 +100,27 @@ def read_folder(folder, context):
     if re.match(rb"[A-Za-z0-9+/=]+ \d+\n", tokenizer):  # base64 tokens and their ranks
         raise ValueError(f"{folder}/tokenizer.model is tiktoken's (Llama 3's): llama.py reads "
                          f"SentencePiece tokenizers, as LLaMA 1 and Llama 2 have")
-    with L.reading(folder / "tokenizer.model"):
-        tok = L.Tokenizer(tokenizer)
-    with L.reading(folder / "params.json"):
-        params = json.loads((folder / "params.json").read_text())
-        args = L.ModelArgs(
-            dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-            vocab_size=tok.vocab_size if params.get("vocab_size", -1) == -1 else params["vocab_size"],
-            multiple_of=params.get("multiple_of", 256),
-            ffn_dim_multiplier=params.get("ffn_dim_multiplier") or 1.0,
-            norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
-            max_seq_len=context)
-    if tok.vocab_size != args.vocab_size:
-        raise ValueError(f"{folder}: its tokenizer has {tok.vocab_size} pieces, its params.json "
+    tok = spm.SentencePieceProcessor(model_proto=tokenizer)
+    params = json.loads((folder / "params.json").read_text())
+    args = L.ModelArgs(
+        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        vocab_size=tok.vocab_size() if params.get("vocab_size", -1) == -1 else params["vocab_size"],
+        multiple_of=params.get("multiple_of", 256),
+        ffn_dim_multiplier=params.get("ffn_dim_multiplier") or 1.0,
+        norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+        max_seq_len=context)
+    if tok.vocab_size() != args.vocab_size:
+        raise ValueError(f"{folder}: its tokenizer has {tok.vocab_size()} pieces, its params.json "
                          f"vocab_size {args.vocab_size}")
     # memory-mapped: the shards are read from disk as they are used, never held twice
-    shards = [L.load_file(shard, mmap=True) for shard in shards]
-    with L.reading(folder / "consolidated.*.pth"), torch.device("meta"):
-        if any(shard.keys() != shards[0].keys() for shard in shards):
-            raise ValueError("the shards do not hold the same weights")
-        weights = join_shards(shards)
-        L.Transformer(args).load_state_dict(weights, assign=True)  # every name and shape fits
+    shards = [torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+              for shard in shards]
+    if any(shard.keys() != shards[0].keys() for shard in shards):
+        raise ValueError(f"{folder}: its shards do not hold the same weights")
+    weights = join_shards(shards)
+    with torch.device("meta"):  # shapes only: every name and shape must fit, nothing is copied
+        L.Transformer(args).load_state_dict(weights, assign=True)
     return args, weights, tok
 
 
@@ -126,7 +134,8 @@ def import_(args):
     if (out / "ckpt.pt").exists() and not args.overwrite:
         raise ValueError(f"{out}/ckpt.pt exists: give another --out, or --overwrite")
     model_args, weights, tok = read_folder(folder, args.context)
-    ckpt = {"model": weights, "model_args": asdict(model_args), "tokenizer": tok.model_proto}
+    ckpt = {"model": weights, "model_args": asdict(model_args),
+            "tokenizer": tok.serialized_model_proto()}
     out.mkdir(parents=True, exist_ok=True)
     L.atomic_write(out / "ckpt.pt", lambda f: torch.save(ckpt, f))
     n_params = sum(w.numel() for w in weights.values())
@@ -136,19 +145,17 @@ def import_(args):
 
 
 def build_parser():
-    parser = L.Parser(prog="tools/meta.py", description=__doc__.split("\n\n")[0],
-                      allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="tools/meta.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
-    out = commands.add_parser("export", help="a checkpoint into Meta's layout", allow_abbrev=False)
+    out = commands.add_parser("export", help="a checkpoint into Meta's layout")
     out.set_defaults(run=export)
     out.add_argument("--ckpt", default=f"{L.OUT_DIR}/ckpt.pt", help="(%(default)s)")
     out.add_argument("--out", required=True, help="the folder to write")
-    into = commands.add_parser("import", help="a folder in Meta's layout into DIR/ckpt.pt",
-                               allow_abbrev=False)
+    into = commands.add_parser("import", help="a folder in Meta's layout into DIR/ckpt.pt")
     into.set_defaults(run=import_)
     into.add_argument("folder", help="params.json, consolidated.*.pth and tokenizer.model")
     into.add_argument("--out", required=True, help="the folder DIR to write DIR/ckpt.pt into")
-    into.add_argument("--context", type=L.size, default=2048,
+    into.add_argument("--context", type=L.number(int, 1), default=2048,
                       help="the model's context length, which Meta's folder leaves out (%(default)s)")
     into.add_argument("--overwrite", action="store_true", help="replace DIR/ckpt.pt")
     return parser

@@ -4,6 +4,7 @@
 
 Needs matplotlib (pip install matplotlib; Colab has it), which nothing else here does.
 """
+import argparse
 import csv
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def plot(args):
         from matplotlib.figure import Figure  # not pyplot: a notebook's own plotting is left alone
     except ImportError:
         raise ValueError("tools/plot.py needs matplotlib: pip install matplotlib") from None
-    with open(args.log, newline="") as f, L.reading(args.log):
+    with open(args.log, newline="") as f:
         rows = [[float(value) for value in row] for row in list(csv.reader(f))[1:]]
         steps = [row[0] for row in rows]  # the columns: step, train_loss, val_loss, lr
         train_loss = [row[1] for row in rows]
@@ -37,8 +38,7 @@ def plot(args):
 
 
 def build_parser():
-    parser = L.Parser(prog="tools/plot.py", description=__doc__.split("\n\n")[0],
-                      allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="tools/plot.py", description=__doc__.split("\n\n")[0])
     parser.set_defaults(run=plot)
     parser.add_argument("--log", default=f"{L.OUT_DIR}/log.csv", help="(%(default)s)")
     parser.add_argument("--png", default=f"{L.OUT_DIR}/loss.png", help="(%(default)s)")
