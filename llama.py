@@ -14,9 +14,9 @@ What LLaMA changes relative to GPT-2. Both normalize the input of each sub-layer
 - Rotary positional embeddings (RoPE) instead of a learned table of positions: queries and keys
   are turned by angles that grow with their position, so their dot products see distances.
 - A SwiGLU feed-forward, a gated MLP with three matrices, instead of GELU with two.
-- No biases, and an output layer of its own instead of the input embedding's transpose.
-- From Llama 2 34B and 70B on (and in every Llama 3), grouped-query attention: each key/value
-  head serves a group of query heads, which shrinks the KV cache. This file's KV_HEADS = 1, one
+- No biases; an output layer of its own, not GPT-2's tied input embedding (Llama 3.2 1B, 3B tie).
+- Grouped-query attention, in Llama 2's 34B and 70B and in every Llama 3: each key/value head
+  serves a group of query heads, which shrinks the KV cache. This file's KV_HEADS = 1, one
   key/value head for all query heads, is multi-query attention (Shazeer 2019): the original
   notebook's choice, and no LLaMA release's.
 
@@ -43,8 +43,7 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # Hyperparameters
-# The documented ones keep their documented names. A flag of `train` overrides each for one run
-# (--batch-size for BATCH_SIZE); the constants themselves never change.
+# The documented ones keep their names; a flag of `train` overrides each for one run, never them.
 
 VOCAB_SIZE = 130  # pieces in the SentencePiece vocabulary
 BATCH_SIZE = 32  # sequences per optimizer step
@@ -58,7 +57,7 @@ HEADS = 8  # query heads per attention layer
 LAYERS = 4  # transformer blocks
 KV_HEADS = 1  # key/value heads: 1 is multi-query, HEADS is multi-head, between is grouped-query
 LEARNING_RATE = 1e-3  # AdamW's peak learning rate, reached at the end of warmup (--lr)
-WARMUP_STEPS = 50  # steps of linear warmup from 0 to LEARNING_RATE (--warmup)
+WARMUP_STEPS = 50  # steps of linear warmup up to LEARNING_RATE (--warmup)
 MIN_LR_FRACTION = 0.1  # the cosine decay ends at this fraction of LEARNING_RATE
 WEIGHT_DECAY = 0.1  # AdamW's decoupled weight decay, on the weight matrices only
 GRAD_CLIP = 1.0  # the gradient's global L2 norm is clipped to this
@@ -78,19 +77,7 @@ ORIGINAL = {"val": {"loss": 4.469, "accuracy": 0.0559, "perplexity": 87.3},  # i
 # -----------------------------------------------------------------------------
 # Download
 # Tiny Shakespeare, 1.1 MB of plays, is fetched once into input.txt and checked against its
-# sha256. Every file this program writes is written whole or not at all.
-
-def atomic_write(path, write):
-    """write(f) fills a temporary file of this process's own, which then takes path's name: a
-    crash, a full disk or a kill leaves the old file as it was, and no half-written one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+# sha256. Like every file this program writes, it is written whole or not at all (atomic_write).
 
 def download(url, path, sha256, timeout=30.0):
     """Fetch url into path, if what arrives has the given sha256."""
@@ -109,7 +96,7 @@ def get_text(path=None):
     if path is None and not DATA_PATH.exists():
         download(DATA_URL, DATA_PATH, DATA_SHA256)
     path = path or DATA_PATH
-    try:  # "\r\n" and "\r" are read as "\n" (SentencePiece would drop "\r")
+    try:  # "\r\n" and "\r" are read as "\n": SentencePiece keeps no piece for "\r"
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
@@ -181,7 +168,7 @@ def windows(data, context):
 # -----------------------------------------------------------------------------
 # Model
 # Smallest part first, in forward-pass order: RMSNorm, rotary embeddings, attention with its KV
-# cache, SwiGLU, the block, the model and its generate(). No class reads the constants above.
+# cache, SwiGLU, the block, the model, generate(). Only ModelArgs' defaults read the constants.
 
 @dataclass
 class ModelArgs:
@@ -234,7 +221,7 @@ class RMSNorm(nn.Module):
 def precompute_rope(head_dim, max_seq_len, theta=10000.0):
     """cos and sin of the angle pos * theta^(-2j / head_dim) by which feature pair j turns at
     position pos: two tables (max_seq_len, head_dim/2). Pair j turns more slowly than pair j-1."""
-    # made on the CPU and moved with the model: real numbers even in a model built on "meta"
+    # on the CPU, moved with the model: real even in one built on the meta device (load_model)
     pairs = torch.arange(0, head_dim, 2, device="cpu").float()
     inv_freq = 1.0 / theta ** (pairs / head_dim)  # (head_dim/2,)
     angles = torch.outer(torch.arange(max_seq_len, device="cpu").float(), inv_freq)
@@ -243,7 +230,7 @@ def precompute_rope(head_dim, max_seq_len, theta=10000.0):
 def apply_rotary_emb(x, cos, sin):
     """Turn each feature pair (x[2j], x[2j+1]) of x (B, T, heads, head_dim) by its position's
     angle, as Meta does by multiplying the complex number x[2j] + i x[2j+1] by e^(i angle). A
-    turned query and key have a dot product that depends only on how far apart they are."""
+    turned query and key have a dot product that sees their positions only as their distance."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, heads, head_dim/2, 2)
     even = pairs[..., 0]  # (B, T, heads, head_dim/2)
     odd = pairs[..., 1]
@@ -286,8 +273,8 @@ class Attention(nn.Module):
             self.cache_v.index_copy_(1, positions, v)
             k = self.cache_k  # (B, max_seq_len, n_kv_heads, head_dim)
             v = self.cache_v
-        # the mask (T, S): the query at position p sees the keys at positions 0 to p, and -inf is
-        # added to the scores of later ones (in the cache also the slots not yet written)
+        # the mask (T, S), S keys (T, or the cache's max_seq_len): the query at position p sees
+        # the keys at 0 to p; -inf is added to the scores of later ones and of unwritten slots
         key_positions = torch.arange(k.size(1), device=x.device)
         mask = torch.where(key_positions > query_positions[:, None], float("-inf"), 0.0)
         # each key/value head serves n_heads // n_kv_heads query heads, side by side: Meta's
@@ -297,7 +284,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = k.transpose(1, 2)  # (B, n_heads, S, head_dim)
         v = v.transpose(1, 2)
-        # softmax(q k^T / sqrt(head_dim) + mask) v, fused into one kernel, the same numbers as
+        # softmax(q k^T / sqrt(head_dim) + mask) v in one fused kernel, equal up to rounding to
         # (q @ k.transpose(2, 3) / math.sqrt(self.head_dim) + mask).softmax(dim=-1) @ v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
@@ -347,7 +334,8 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """GPT-2's init: small normal weights, smaller with depth where they write the residual."""
+        """GPT-2's init, as nanoGPT has it (Meta's code publishes none): normal, std 0.02, and
+        0.02 / sqrt(2 * n_layers) for wo and w2, whose outputs add up in the residual stream."""
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 deep = name.endswith(("wo.weight", "w2.weight"))
@@ -394,9 +382,10 @@ class Transformer(nn.Module):
         new_tokens = []
         for _ in range(max_new_tokens):
             if window.size(1) > self.args.max_seq_len:
-                # full. The cache cannot slide along: its keys were turned by the angles of their
-                # positions, and positions past max_seq_len have none. So the newest half starts
-                # again from position 0, recomputed, and fills the cache for half a window more
+                # full. Sliding the cache along would mean turning every cached key again for its
+                # new position (and a ring buffer would need angles past max_seq_len). Instead the
+                # newest half runs again from position 0, in one pass, and half a window of tokens
+                # then comes from the cache before the next refill
                 window = window[:, -max(1, self.args.max_seq_len // 2):]
                 cached = 0
             if cached and use_cache:  # the token sampled last, alone, at position `cached`
@@ -414,8 +403,8 @@ class Transformer(nn.Module):
         return torch.cat([idx, *new_tokens], dim=1)
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """A token id per row of logits (B, vocab_size): the argmax at temperature 0, else a sample
-    from softmax(logits / temperature), kept to the top_k likeliest tokens if top_k is given."""
+    """A token id per row of logits (B, vocab): the argmax at temperature 0, else a sample of
+    softmax(logits / temperature), of the top_k likeliest only if top_k is given."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits / temperature
@@ -490,7 +479,7 @@ def make_optimizer(model, lr, weight_decay, device):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=device.type == "cuda")
 
 def autocast(device):
-    """bf16 autocast on GPUs that compute in bf16 (compute capability 8.0 on; a T4 emulates it).
+    """bf16 autocast on GPUs that compute in bf16 (compute capability 8.0 on; a T4 only emulates it).
     The weights and AdamW's state stay float32; matrix products run in bf16."""
     bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
@@ -526,11 +515,22 @@ def torchrun_env():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 def check_diverged(step, *losses):
-    """A loss that is nan or inf, or too large for its exp, the perplexity, to be a float (above
-    709.78), ends the run before anything is saved: the learning rate is too high."""
+    """Stop the run before anything is saved if a loss, or its exp (the perplexity), is not finite."""
     if not all(-math.inf < loss < math.log(sys.float_info.max) for loss in losses):
         raise FloatingPointError(f"the run diverged by step {step} (loss {max(losses):.4g}): try "
                                  f"a lower --lr; what was saved before was left as it was")
+
+def atomic_write(path, write):
+    """write(f) fills a temporary file of this process's own, which then takes path's name: a
+    crash, a full disk or a kill leaves the old file as it was, and no half-written one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 def save_checkpoint(out, model, optimizer, run):
     """out/ckpt.pt, then out/log.csv from its rows: tensors, numbers, strings and bytes only."""
@@ -599,8 +599,7 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, ckpt=None):
     return model, tok, data
 
 def train_loop(cfg, model, trained, optimizer, data, out, run, stop):
-    """The steps from run["step"] on, through trained (the model, or its parallel or compiled
-    form), with the log lines and the saves; stop ends it after a step, saved."""
+    """The steps from run["step"] on through trained, with log lines and saves; stop ends it."""
     rank, world_size = torchrun_env()
     device = model.output.weight.device
     # the same validation windows at every log line: the curve shows the model, not the draw
@@ -677,7 +676,7 @@ def report(model, tok, data, context):
     results = {}
     for split in ("val", "test"):
         r = evaluate(model, *windows(data[split], context))
-        r["perplexity"] = math.exp(r["loss"])  # training stops before it could overflow
+        r["perplexity"] = torch.tensor(r["loss"], dtype=torch.float64).exp().item()  # inf past e^709
         # the characters of every target: all of the split's text but its first token's
         r["bpc"] = r["loss_sum"] / len(tok.decode(data[split][1:].tolist())) / math.log(2)
         numbers = f"{r['loss']:8.4f}{r['accuracy']:10.4f}{r['perplexity']:12.2f}{r['bpc']:11.4f}"
@@ -692,15 +691,13 @@ def report(model, tok, data, context):
 # sampled and fed back, and the text is printed as soon as it is decoded.
 
 def load_checkpoint(path, mmap=False):
-    """A checkpoint's contents: weights_only=True reads tensors, numbers, strings and bytes, and
-    never runs pickled code; mmap=True reads the tensors from disk as they are used."""
+    """A checkpoint's contents: weights_only=True never runs pickled code; mmap reads as needed."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train one with `python llama.py train`")
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 def load_model(path, device):
-    """The model (in eval mode) and tokenizer of the checkpoint at path: float32, or on a GPU the
-    weights' own dtype (an imported bf16 model stays bf16)."""
+    """A checkpoint's model (eval mode; float32, or on a GPU the weights' own) and tokenizer."""
     ckpt = load_checkpoint(path, mmap=True)
     with torch.device("meta"):  # shapes only, no memory: the weights are taken as they are
         model = Transformer(ModelArgs(**ckpt["model_args"]))
@@ -711,7 +708,7 @@ def load_model(path, device):
 
 class TextStream:
     """Prints what each new token adds to the text. Decoding the recent tokens together, not each
-    piece alone, keeps whole characters and the spaces Llama's tokenizer drops at a text's start."""
+    piece alone, keeps whole characters, and the spaces a Llama tokenizer drops at a text's start."""
     def __init__(self, tok, ids):
         self.tok = tok
         self.ids = list(ids[-64:])
@@ -726,14 +723,17 @@ class TextStream:
             self.shown = len(self.tok.decode(self.ids))
 
 def compile_decoding(model):
-    """Compile model.decode_step, one graph for every position (a CUDA graph on a GPU)."""
-    mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
-    model.decode_step = torch.compile(model.decode_step, fullgraph=True, mode=mode)
+    """Compile model.decode_step: one graph for all positions (GPU: a CUDA graph; CPU: C++ calls)."""
+    cuda = model.output.weight.device.type == "cuda"
+    model.decode_step = torch.compile(model.decode_step, fullgraph=True,
+                                      mode="reduce-overhead" if cuda else None,
+                                      options=None if cuda else {"cpp_wrapper": True})
 
 def sample(model, tok, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=None, seed=SEED):
     """Print a continuation of prompt as it is produced, and return it."""
-    # Llama's tokenizer has a beginning-of-text id, and every text starts with it
-    ids = [tok.bos_id()] * (tok.bos_id() >= 0) + tok.encode(prompt)
+    ids = tok.encode(prompt)
+    if tok.bos_id() >= 0:  # a Llama tokenizer (imported by tools/) starts every text with its id
+        ids = [tok.bos_id()] + ids
     if not ids:
         raise ValueError("the prompt is empty: give --prompt some text")
     print(prompt, end="", flush=True)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import llama as L
-from tools import ablate, bench, meta, plot
+from tools import ablate, bench, hf, meta, plot
 
 HERE = Path(__file__).resolve().parent
 INPUT = HERE / "input.txt"
@@ -1228,3 +1228,112 @@ def test_the_ablations_baseline_run_is_llama_pys_run_and_the_table_is_whole(smal
     assert len(runs) == len(ablate.VARIANTS) + 3 and runs[-1].startswith("[12/12]"), runs
     table = [line for line in out.splitlines() if line.startswith("context")]
     assert len(table) == 12 and "KV B/token" in out and out.splitlines()[-1].startswith("total")
+
+
+# ======================================================================= tools/hf.py
+
+@pytest.fixture(scope="module")
+def transformers():
+    why = "the Hugging Face tests need transformers and protobuf (.ci/run installs them)"
+    pytest.importorskip("google.protobuf", reason=why)
+    module = pytest.importorskip("transformers", reason=why)
+    module.logging.set_verbosity_error()
+    module.logging.disable_progress_bar()
+    return module
+
+
+def random_hf_llama(transformers, folder, tok, tied=False, **config):
+    """A randomly initialized LlamaForCausalLM with grouped-query attention, a feed-forward width
+    that LLaMA's rule does not give, and norm gains that are not 1, saved as safetensors."""
+    torch.manual_seed(0)
+    settings = dict(hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, vocab_size=tok.vocab_size(),
+                    rms_norm_eps=1e-5, rope_theta=20000.0, max_position_embeddings=32,
+                    tie_word_embeddings=tied)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + 1)
+    model.save_pretrained(folder, **config)
+    (folder / "tokenizer.model").write_bytes(tok.serialized_model_proto())
+    return model
+
+
+def test_hf_import_gives_transformers_logits(transformers, tmp_path, capsys):
+    tok = small_tokenizer(60)
+    idx = torch.randint(60, (2, 20))
+    for name, tied, config in [("plain", False, {}), ("tied", True, {}),
+                               ("sharded", False, {"max_shard_size": "20KB"})]:
+        folder = tmp_path / name
+        model = random_hf_llama(transformers, folder, tok, tied=tied, **config)
+        assert (folder / "model.safetensors.index.json").exists() == (name == "sharded")
+        assert L.main(["import", folder, "--out", tmp_path / f"in-{name}"], hf.build_parser()) == 0
+        ours, _ = L.load_model(tmp_path / f"in-{name}" / "ckpt.pt", CPU)
+        assert ours.args.hidden_dim == 100 and ours.args.n_kv_heads == 2, ours.args
+        with torch.no_grad():
+            theirs = model(idx).logits
+        difference = (ours(idx)[0] - theirs).abs().max().item()
+        assert difference <= 1e-5, (name, difference)
+        print(f"{name}: largest logit difference {difference:.2e}", file=sys.stderr)
+
+
+def test_hf_export_loads_in_transformers_with_the_same_logits_tokens_and_ids(transformers, trained,
+                                                                             small_text, tmp_path):
+    folder = tmp_path / "hf"
+    assert L.main(["export", "--ckpt", trained / "ckpt.pt", "--out", folder], hf.build_parser()) == 0
+    assert sorted(os.listdir(folder)) == sorted(hf.FILES)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    ours, tok = L.load_model(trained / "ckpt.pt", CPU)
+    idx = torch.randint(tok.vocab_size(), (2, 8))
+    with torch.no_grad():
+        difference = (ours(idx)[0] - theirs(idx).logits).abs().max().item()
+        assert difference <= 1e-5, difference
+        prompt = torch.tensor([tok.encode("KING:")])  # and greedy tokens, within the window
+        new = ours.args.max_seq_len - prompt.size(1)
+        greedy = theirs.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy, ours.generate(prompt, new, temperature=0)), greedy
+    passage = L.split_text(small_text.read_text())["val"][:5000]
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    assert auto(passage)["input_ids"] == tok.encode(passage)
+    assert auto.decode(tok.encode(passage)) == passage
+
+
+def test_hf_round_trip_prints_the_same_table(transformers, trained, small_text, tmp_path, capsys):
+    assert L.main(["export", "--ckpt", trained / "ckpt.pt", "--out", tmp_path / "hf"],
+                  hf.build_parser()) == 0
+    assert L.main(["import", tmp_path / "hf", "--out", tmp_path / "back"], hf.build_parser()) == 0
+    back = load(tmp_path / "back" / "ckpt.pt")
+    assert back["model_args"] == load(trained / "ckpt.pt")["model_args"]
+    capsys.readouterr()
+    for ckpt in (trained / "ckpt.pt", tmp_path / "back" / "ckpt.pt"):
+        assert L.main(["eval", "--ckpt", ckpt, "--data", small_text]) == 0
+    tables = capsys.readouterr().out.split("split ")
+    assert len(tables) == 3 and tables[1] == tables[2], tables
+
+
+def test_what_hf_import_cannot_run_is_one_line(transformers, tmp_path, capsys):
+    tok = small_tokenizer(60)
+    folder = tmp_path / "hf"
+    random_hf_llama(transformers, folder, tok)
+    config = json.loads((folder / "config.json").read_text())
+
+    def refused(words, **changes):
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        assert L.main(["import", folder, "--out", tmp_path / "in"], hf.build_parser()) == 1
+        one_line_error(capsys, words)
+
+    refused("rope_scaling {'type': 'linear', 'factor': 2.0}", rope_scaling={"type": "linear",
+                                                                            "factor": 2.0})
+    refused("rope_scaling {'rope_type': 'llama3'", rope_parameters={"rope_type": "llama3",
+                                                                     "rope_theta": 5e5})
+    refused("attention_bias True", attention_bias=True)
+    refused("mlp_bias True", mlp_bias=True)
+    refused("holds a MistralForCausalLM of model_type mistral: llama.py runs LlamaForCausalLM",
+            architectures=["MistralForCausalLM"], model_type="mistral")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\nIw== 2\n")  # tiktoken's: Llama 3
+    refused("is not a SentencePiece model (Llama 3's is tiktoken's)")
+    (folder / "tokenizer.model").unlink()
+    refused("has no tokenizer.model")
+    assert not (tmp_path / "in").exists(), "nothing written by a refused import"
