@@ -68,8 +68,7 @@ OUT_DIR = "out"  # where the checkpoint and log.csv go (--out)
 # input.txt beside llama.py, or in the working folder when pasted into a notebook (no __file__)
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 DATA_PATH = HERE / "input.txt"
-DATA_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-            "tinyshakespeare/input.txt")
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 ORIGINAL = {"val": {"loss": 4.469, "accuracy": 0.0559, "perplexity": 87.3},  # its README's
             "test": {"accuracy": 0.0562, "perplexity": 87.7}}
@@ -358,12 +357,11 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch_size):
         """Make each layer's KV cache, once for a batch size: written in place, never grown."""
-        weight = self.output.weight
         shape = (batch_size, self.args.max_seq_len, self.args.n_kv_heads, self.args.head_dim)
         for layer in self.layers:
             if layer.attention.cache_k is None or layer.attention.cache_k.shape != shape:
-                layer.attention.cache_k = weight.new_zeros(shape)
-                layer.attention.cache_v = weight.new_zeros(shape)
+                layer.attention.cache_k = self.output.weight.new_zeros(shape)
+                layer.attention.cache_v = self.output.weight.new_zeros(shape)
 
     def decode_step(self, token, position):
         """The logits (B, vocab_size) after one token (B, 1) at position (1,): the same shapes at
@@ -792,6 +790,8 @@ def command_train(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(path)
+        if "config" not in ckpt:  # an import by tools/: weights and a tokenizer, no run
+            raise ValueError(f"{path} holds a model but no training run: train one in another --out")
         for name in given.keys() - RESUMABLE:
             if given[name] != ckpt["config"][name]:
                 raise ValueError(f"--{name.replace('_', '-')} cannot change when resuming: {path} "

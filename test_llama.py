@@ -1025,6 +1025,17 @@ def test_the_code_the_readme_quotes_is_llama_pys_own():
             at = source.index(line.rstrip(), at) + 1
 
 
+def test_the_readmes_line_ranges_are_the_files_sections():
+    readme = (HERE / "README.md").read_text()
+    source = (HERE / "llama.py").read_text().splitlines()
+    rows = re.findall(r"^\| (\d+)-(\d+) \| ([A-Z][a-z ]+) \|", readme, re.M)
+    assert len(rows) == 9, rows  # every section but the docstring's
+    for first, last, title in rows:
+        first, last = int(first), int(last)
+        assert source[first - 1].startswith("# ---") and source[first] == f"# {title}", title
+        assert last == len(source) or source[last].startswith("# ---"), (title, last)
+
+
 def test_the_readme_names_nothing_outside_the_project():
     readme = (HERE / "README.md").read_text()
     assert "../" not in readme and "/work/" not in readme
@@ -1080,6 +1091,8 @@ def test_meta_export_then_import_gives_the_same_model_and_table(trained, small_t
     assert L.main(["eval", "--ckpt", trained / "ckpt.pt", "--data", small_text]) == 0
     tables = capsys.readouterr().out.split("split ")
     assert len(tables) == 3 and tables[1] == tables[2], "the same table from both"
+    assert L.main(["train", "--resume", "--steps", "40", "--out", imported]) == 1
+    one_line_error(capsys, "holds a model but no training run")
     # an export over an earlier one replaces it; a folder holding other files is refused
     (folder / "notes.txt").write_text("mine")
     assert L.main(["export", "--ckpt", trained / "ckpt.pt", "--out", folder],
