@@ -1312,6 +1312,19 @@ def test_hf_export_loads_in_transformers_with_the_same_logits_tokens_and_ids(tra
     assert auto.decode(tok.encode(passage)) == passage
 
 
+def test_hf_export_keeps_a_llama_tokenizers_beginning_of_text_and_space(transformers, tmp_path):
+    tok = llama_like_tokenizer()
+    model = tiny_model(vocab_size=tok.vocab_size())
+    ckpt = {"model": model.state_dict(), "model_args": vars(model.args),
+            "tokenizer": tok.serialized_model_proto()}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    assert L.main(["export", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "hf"],
+                  hf.build_parser()) == 0
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "To be, or not to be: that is the question, é"
+    assert auto(text)["input_ids"] == [tok.bos_id()] + tok.encode(text)
+
+
 def test_hf_round_trip_prints_the_same_table(transformers, trained, small_text, tmp_path, capsys):
     assert L.main(["export", "--ckpt", trained / "ckpt.pt", "--out", tmp_path / "hf"],
                   hf.build_parser()) == 0

@@ -95,9 +95,10 @@ def export(args):
         "bos_token_id": None, "eos_token_id": None}
     tok = spm.SentencePieceProcessor(model_proto=ckpt["tokenizer"])
     bos = tok.bos_id() >= 0  # an imported Llama's has one, llama.py's none
-    tokenizer_config = {  # and it adds no space before a text (SentencePiece's add_dummy_prefix)
+    prefix = tok.encode("a", out_type=str)[0].startswith("▁")  # a space put before the text?
+    tokenizer_config = {  # llama.py's: neither; an imported Llama's: both
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": bos, "add_eos_token": False,
-        "add_prefix_space": tok.encode("a") == tok.encode(" a"), "legacy": False,
+        "add_prefix_space": prefix, "legacy": False,
         "bos_token": tok.id_to_piece(tok.bos_id()) if bos else None, "eos_token": None,
         "unk_token": tok.id_to_piece(tok.unk_id()), "clean_up_tokenization_spaces": False}
     write_folder(args.out, {
