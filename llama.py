@@ -364,8 +364,7 @@ class Transformer(nn.Module):
                 layer.attention.cache_v = self.output.weight.new_zeros(shape)
 
     def decode_step(self, token, position):
-        """The logits (B, vocab_size) after one token (B, 1) at position (1,): the same shapes at
-        every step, so that it compiles once."""
+        """Logits (B, vocab) after token (B, 1) at position (1,): the same shapes at every step."""
         logits, _ = self(token, positions=position)
         return logits[:, -1]
 
@@ -497,8 +496,7 @@ def train_step(model, optimizer, x, y, lr):
 
 def pick_device(name="auto"):
     """cuda, then mps, then cpu for "auto", else the device named; under torchrun, its GPU."""
-    count = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available()),
-             "cpu": 1}
+    count = {"cuda": torch.cuda.device_count(), "mps": torch.backends.mps.is_available(), "cpu": 1}
     if name == "auto":
         name = next(kind for kind, n in count.items() if n)
     if name == "cuda" and "LOCAL_RANK" in os.environ:
@@ -575,18 +573,19 @@ def train(cfg, out=OUT_DIR, device="auto", compiled=False, ckpt=None):
         trained = torch.compile(trained)
     # 1 once Ctrl-C (SIGINT), kill (SIGTERM) or a closed terminal (SIGHUP; Windows has none) asks
     stop = torch.zeros(1, device=device if world_size > 1 else "cpu")
-
-    def request_stop(signum, frame):
-        stop.fill_(1)
-    handlers = {}
-    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
-        handlers[s] = signal.signal(s, request_stop)
+    signals = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.fill_(1)) for s in signals}
     try:
         train_loop(cfg, model, trained, optimizer, data, Path(out), run, stop)
+        if world_size > 1:  # all finish together. The barrier's work keeps the last all_reduce's
+            # tensors past the shutdown below, which holds the GIL gloo's threads need to free them
+            finished = dist.barrier(async_op=True, device_ids=gpu)
+            finished.wait()
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
         if world_size > 1:
+            del trained  # DistributedDataParallel lets go of the group, then the group is shut down
             dist.destroy_process_group()
     if run["step"] < cfg.steps:
         if rank == 0:  # on stderr, which `| head` leaves open
