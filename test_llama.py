@@ -851,9 +851,14 @@ def test_sigterm_and_a_closed_terminal_save_the_run(tmp_path, small_text):
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line(trained, capsys):
+    # Python's own Ctrl-C handler, even where the tests run with SIGINT ignored (`nohup ... &`)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
-    assert L.main(["sample", "--ckpt", trained / "ckpt.pt", "--max-new-tokens", "1000000"]) == 130
+    try:
+        assert L.main(["sample", "--ckpt", trained / "ckpt.pt", "--max-new-tokens", "1000000"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
