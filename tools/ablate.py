@@ -1,7 +1,7 @@
 """What each of LLaMA's changes to GPT-2 buys here: llama.py's model, and variants that each put
 back one of GPT-2's choices, trained alike on Tiny Shakespeare, in one table.
 
-    python tools/ablate.py                        every variant, 3 seeds, two settings (~1 hour)
+    python tools/ablate.py                        every variant, 3 seeds, two settings (~20 min)
     python tools/ablate.py --steps 20 --seeds 1   a quick look: every variant, briefly
 
 Each variant is llama.py's Transformer with modules swapped or wrapped after it is built, then
