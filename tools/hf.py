@@ -15,7 +15,6 @@ script does. Needs safetensors (pip install safetensors), which nothing else her
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import sentencepiece as spm
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama as L  # noqa: E402
-from tools.meta import write_folder  # noqa: E402
+from tools.meta import write_checkpoint, write_folder  # noqa: E402
 
 # llama.py's name of each weight, and Hugging Face's; {} is a layer's number
 NAMES = {
@@ -197,13 +196,7 @@ def import_(args):
     if tok.vocab_size() > margs.vocab_size:
         raise ValueError(f"{folder}: its tokenizer has {tok.vocab_size()} pieces, its model "
                          f"{margs.vocab_size}")
-    weights = read_weights(folder, margs)
-    ckpt = {"model": weights, "model_args": asdict(margs), "tokenizer": tokenizer}
-    out.mkdir(parents=True, exist_ok=True)
-    L.atomic_write(out / "ckpt.pt", lambda f: torch.save(ckpt, f))
-    n_params = sum({w.data_ptr(): w.numel() for w in weights.values()}.values())  # tied: once
-    print(f"wrote {out / 'ckpt.pt'}: {n_params:,} parameters, {weights['output.weight'].dtype}, "
-          f"context {margs.max_seq_len}")
+    write_checkpoint(out, read_weights(folder, margs), margs, tokenizer)
     return 0
 
 

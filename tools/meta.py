@@ -134,14 +134,18 @@ def import_(args):
     if (out / "ckpt.pt").exists() and not args.overwrite:
         raise ValueError(f"{out}/ckpt.pt exists: give another --out, or --overwrite")
     model_args, weights, tok = read_folder(folder, args.context)
-    ckpt = {"model": weights, "model_args": asdict(model_args),
-            "tokenizer": tok.serialized_model_proto()}
+    write_checkpoint(out, weights, model_args, tok.serialized_model_proto())
+    return 0
+
+
+def write_checkpoint(out, weights, model_args, tokenizer):
+    """out/ckpt.pt for an imported model: weights, shape and tokenizer, and no training run."""
+    ckpt = {"model": weights, "model_args": asdict(model_args), "tokenizer": tokenizer}
     out.mkdir(parents=True, exist_ok=True)
     L.atomic_write(out / "ckpt.pt", lambda f: torch.save(ckpt, f))
-    n_params = sum(w.numel() for w in weights.values())
-    print(f"wrote {out / 'ckpt.pt'}: {n_params:,} parameters, "
-          f"{next(iter(weights.values())).dtype}, context {args.context}")
-    return 0
+    n_params = sum({w.data_ptr(): w.numel() for w in weights.values()}.values())  # tied: once
+    print(f"wrote {out / 'ckpt.pt'}: {n_params:,} parameters, {weights['output.weight'].dtype}, "
+          f"context {model_args.max_seq_len}")
 
 
 def build_parser():
