@@ -807,7 +807,8 @@ def command_train(args):
     result = train(cfg, args.out, args.device, args.compile, ckpt)
     if result is None:
         return 130  # stopped by a signal, the checkpoint saved
-    report(*result, cfg.context)
+    if torchrun_env()[0] == 0:  # under torchrun, one process evaluates: the others print nothing
+        report(*result, cfg.context)
     return 0
 
 def command_sample(args):
