@@ -506,8 +506,7 @@ def pick_device(name="auto"):
         raise ValueError(f"--device {name}: PyTorch sees no such device here, only {count}")
     return torch.device(name)
 
-def torchrun_env():
-    """(rank, world size): torchrun sets RANK and WORLD_SIZE; a plain run is process 0 of 1."""
+def torchrun_env():  # (rank, world size): torchrun sets RANK and WORLD_SIZE; a plain run: 0 of 1
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 def check_diverged(step, *losses):
@@ -631,15 +630,16 @@ def train_loop(cfg, model, trained, optimizer, data, out, run, stop):
             loss_sum = 0.0
             print(f"step {step:5d}/{cfg.steps} | train {train_loss:.4f} | val {val_loss:.4f}",
                   flush=True)
+        stopping = stop.clone()  # a signal may set stop at any time: the processes agree on a copy
         if world_size > 1:  # every process stops after the same step
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if step == cfg.steps or stop.item() or cfg.save_every and step % cfg.save_every == 0:
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+        if step == cfg.steps or stopping.item() or cfg.save_every and step % cfg.save_every == 0:
             run["loss_sum"] = float(loss_sum)
             run["batches"] = batches.get_state()
             check_diverged(step, run["loss_sum"] / since)  # nothing diverged is ever saved
             if rank == 0:
                 save_checkpoint(out, model, optimizer, run)
-            if stop.item():
+            if stopping.item():
                 break
 
 # -----------------------------------------------------------------------------
