@@ -82,10 +82,6 @@ def wait_for_line(proc, words, timeout=60):
     raise AssertionError(f"no line with {words!r} in {lines}")
 
 
-def load(path):
-    return torch.load(path, weights_only=True)
-
-
 @pytest.fixture(scope="session")
 def small_text(tmp_path_factory):
     """The first 300,000 characters of Tiny Shakespeare, to keep end-to-end runs short."""
@@ -548,7 +544,7 @@ def test_train_eval_sample_end_to_end(trained, small_text, capsys):
     first_val = float(rows[1].split(",")[2])
     last_val = float(rows[-1].split(",")[2])
     assert last_val < first_val < math.log(130), (first_val, last_val)
-    ckpt = load(trained / "ckpt.pt")
+    ckpt = L.load_checkpoint(trained / "ckpt.pt")
     assert ckpt["step"] == 30 and ckpt["config"].keys() == {f.name for f in fields(L.TrainConfig)}
     assert L.main(["eval", "--ckpt", trained / "ckpt.pt", "--data", small_text]) == 0
     table = capsys.readouterr().out
@@ -579,8 +575,8 @@ def test_the_report_counts_bits_per_character_by_hand(trained, small_text):
 def test_same_seed_same_run(trained, small_text, tmp_path):
     assert L.main(["train", *TINY, "--data", small_text, "--out", tmp_path]) == 0
     assert (tmp_path / "log.csv").read_text() == (trained / "log.csv").read_text()
-    first = load(trained / "ckpt.pt")["model"]
-    second = load(tmp_path / "ckpt.pt")["model"]
+    first = L.load_checkpoint(trained / "ckpt.pt")["model"]
+    second = L.load_checkpoint(tmp_path / "ckpt.pt")["model"]
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -754,7 +750,8 @@ def test_a_finished_run_is_never_replaced_silently(run_copy, small_text, tmp_pat
     assert (tmp_path / "mine" / "log.csv").read_text() == "the user's own log\n"
     assert L.main(["train", *TINY, "--data", small_text, "--out", run_copy, "--overwrite",
                    "--seed", "7"]) == 0
-    assert (run_copy / "ckpt.pt").read_bytes() != before and load(run_copy / "ckpt.pt")["step"] == 30
+    assert (run_copy / "ckpt.pt").read_bytes() != before
+    assert L.load_checkpoint(run_copy / "ckpt.pt")["step"] == 30
 
 
 def test_atomic_write_keeps_the_old_file_and_no_temporary_one(tmp_path):
@@ -792,7 +789,7 @@ def test_resume_extends_a_run_and_refuses_what_cannot_change(run_copy, small_tex
         assert L.main(resume + extra) == 1
         one_line_error(capsys, words)
     assert L.main(resume + ["--steps", "40", "--dim", "32", "--save-every", "5"]) == 0
-    ckpt = load(run_copy / "ckpt.pt")
+    ckpt = L.load_checkpoint(run_copy / "ckpt.pt")
     assert ckpt["step"] == 40 and ckpt["config"]["steps"] == 40 and ckpt["config"]["save_every"] == 5
     rows = (run_copy / "log.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [10, 20, 30, 40], rows
@@ -819,14 +816,14 @@ def test_a_run_killed_between_log_lines_resumes_to_the_uninterrupted_run(tmp_pat
     finally:
         proc.kill()
         proc.wait()
-    saved = load(tmp_path / "b" / "ckpt.pt")  # whole, even if killed mid-save
+    saved = L.load_checkpoint(tmp_path / "b" / "ckpt.pt")  # whole, even if killed mid-save
     assert saved["step"] in (13, 26, 39, 52), saved["step"]
     assert type(saved["loss_sum"]) is float and saved["loss_sum"] > 0, saved["loss_sum"]
     resumed = subprocess.run(llama_command("train", "--resume", "--out", tmp_path / "b"), env=ENV,
                              capture_output=True, text=True)
     assert resumed.returncode == 0 and whole.wait(timeout=120) == 0, resumed.stderr
-    a = load(tmp_path / "a" / "ckpt.pt")
-    b = load(tmp_path / "b" / "ckpt.pt")
+    a = L.load_checkpoint(tmp_path / "a" / "ckpt.pt")
+    b = L.load_checkpoint(tmp_path / "b" / "ckpt.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k}: resumed at {saved['step']}"
     assert (tmp_path / "a" / "log.csv").read_text() == (tmp_path / "b" / "log.csv").read_text()
@@ -845,7 +842,7 @@ def test_sigterm_and_a_closed_terminal_save_the_run(tmp_path, small_text):
         proc.send_signal(signum)
     for signum, proc in procs.items():
         out, err = proc.communicate(timeout=60)
-        step = load(tmp_path / signum.name / "ckpt.pt")["step"]
+        step = L.load_checkpoint(tmp_path / signum.name / "ckpt.pt")["step"]
         assert proc.returncode == 130 and f"stopped after step {step}; saved" in err, err
         assert step >= 10 and "Traceback" not in err
 
@@ -880,7 +877,7 @@ def test_a_checkpoint_never_runs_code_and_an_edited_one_never_loads_wrong(tmp_pa
     with pytest.raises(Exception, match="Weights only load failed"):
         L.load_model(tmp_path / "evil.pt", CPU)
     assert not marker.exists(), "pickled code ran"
-    ckpt = load(trained / "ckpt.pt")
+    ckpt = L.load_checkpoint(trained / "ckpt.pt")
     ckpt["model_args"]["n_layers"] = 1  # a hand edit that disagrees with the weights
     torch.save(ckpt, tmp_path / "edited.pt")
     with pytest.raises(RuntimeError, match="Unexpected key"):
@@ -994,8 +991,8 @@ def test_two_processes_train_what_one_process_trains(trained, small_text, tmp_pa
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert "cpu x 2" in out and out.count("saved") == 1 and out.count("test ") == 1, out
-    single_run = load(trained / "ckpt.pt")
-    double_run = load(tmp_path / "ckpt.pt")
+    single_run = L.load_checkpoint(trained / "ckpt.pt")
+    double_run = L.load_checkpoint(tmp_path / "ckpt.pt")
     # the log's rows at full precision (log.csv rounds them): step, train loss, validation loss
     for a, b in zip(single_run["log"], double_run["log"], strict=True):
         assert a[0] == b[0] and abs(a[1] - b[1]) < 1e-5 and abs(a[2] - b[2]) < 1e-5, (a, b)
@@ -1010,7 +1007,7 @@ def test_ctrl_c_stops_every_process_and_rank_0_saves_once(small_text, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     out, err = proc.communicate(timeout=120)
     assert err.count("stopped after step") == 1, err[-1500:]
-    step = load(tmp_path / "ckpt.pt")["step"]
+    step = L.load_checkpoint(tmp_path / "ckpt.pt")["step"]
     assert f"stopped after step {step}" in err and step >= 10
 
 
@@ -1157,7 +1154,7 @@ def test_a_hand_built_meta_folder_imports_to_the_model_it_came_from(tmp_path, ca
     (folder / "tokenizer.model").write_bytes(tok.serialized_model_proto())
     assert L.main(["import", folder, "--out", tmp_path / "in", "--context", "32"],
                   meta.build_parser()) == 0
-    ckpt = load(tmp_path / "in" / "ckpt.pt")
+    ckpt = L.load_checkpoint(tmp_path / "in" / "ckpt.pt")
     assert {w.dtype for w in ckpt["model"].values()} == {torch.bfloat16}, "bf16 stays bf16"
     assert "rope.freqs" not in ckpt["model"] and ckpt["model_args"]["vocab_size"] == 60
     loaded, _ = L.load_model(tmp_path / "in" / "ckpt.pt", CPU)
@@ -1336,8 +1333,8 @@ def test_hf_round_trip_prints_the_same_table(transformers, trained, small_text, 
     assert L.main(["export", "--ckpt", trained / "ckpt.pt", "--out", tmp_path / "hf"],
                   hf.build_parser()) == 0
     assert L.main(["import", tmp_path / "hf", "--out", tmp_path / "back"], hf.build_parser()) == 0
-    back = load(tmp_path / "back" / "ckpt.pt")
-    assert back["model_args"] == load(trained / "ckpt.pt")["model_args"]
+    back = L.load_checkpoint(tmp_path / "back" / "ckpt.pt")
+    assert back["model_args"] == L.load_checkpoint(trained / "ckpt.pt")["model_args"]
     capsys.readouterr()
     for ckpt in (trained / "ckpt.pt", tmp_path / "back" / "ckpt.pt"):
         assert L.main(["eval", "--ckpt", ckpt, "--data", small_text]) == 0

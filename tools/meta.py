@@ -114,8 +114,7 @@ def read_folder(folder, context):
         raise ValueError(f"{folder}: its tokenizer has {tok.vocab_size()} pieces, its params.json "
                          f"vocab_size {args.vocab_size}")
     # memory-mapped: the shards are read from disk as they are used, never held twice
-    shards = [torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-              for shard in shards]
+    shards = [L.load_checkpoint(shard, mmap=True) for shard in shards]
     if any(shard.keys() != shards[0].keys() for shard in shards):
         raise ValueError(f"{folder}: its shards do not hold the same weights")
     weights = join_shards(shards)
